@@ -1,0 +1,5 @@
+import sys
+
+from pgfence.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""The small interface every backend implements, and the values it returns.
+
+`run`, `status`, `release` and `check` only talk to a backend through this interface, so
+they behave the same whether the fence is a file on a shared volume or a key in etcd.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+from pgfence.record import Holder
+
+# Sleeps for the given seconds on the monotonic clock; raises Interrupted when a
+# termination signal arrives meanwhile, so waiting never makes pgfence unkillable.
+Sleep = Callable[[float], None]
+# Checked immediately before a renewal is written: False means "too late, do not write".
+Guard = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class LockState:
+    """What `status` and `check` report."""
+
+    location: str  # lock file path or etcd key
+    holder: Holder | None  # None: free
+    ours: bool  # held under this process's token
+    alive: bool | None  # heartbeat seen recently; None when it cannot be told
+    heartbeat_age: float | None  # seconds since the last heartbeat, when known
+    age_basis: str  # how heartbeat_age was obtained: "same-boot clock", "observed", "none"
+    observed_for: float  # seconds spent watching for a heartbeat
+
+
+class Hold(ABC):
+    """A fence we hold. Renewed from one thread; released once, after renewals stopped."""
+
+    generation: int
+    instance: str  # this pgfence process's random id
+    acquired_clock: float  # monotonic time at which the acquiring write started
+
+    @abstractmethod
+    def renew(self, guard: Guard) -> bool:
+        """Write a heartbeat if the fence is still ours and `guard()` still allows it.
+
+        Returns False when `guard()` refused. Raises LockLost when the fence is no
+        longer ours, StorageError when the write failed (the caller decides whether that
+        is fatal).
+        """
+
+    @abstractmethod
+    def release(self) -> bool:
+        """Give the fence up if it is still ours; False if it was not ours any more."""
+
+    @abstractmethod
+    def child_environment(self) -> dict[str, str]:
+        """Backend-specific variables for the supervised command (besides the common
+        PGFENCE_GENERATION, PGFENCE_INSTANCE and PGFENCE_LOCK)."""
+
+
+class Backend(ABC):
+    @abstractmethod
+    def location(self) -> str:
+        """Where the fence lives, for messages."""
+
+    @abstractmethod
+    def acquire(self, sleep: Sleep) -> Hold:
+        """Take the fence, waiting as the mode allows; raises FencedOut when refused."""
+
+    @abstractmethod
+    def state(self, observe: float | None, sleep: Sleep) -> LockState:
+        """The fence's state, watching a remote holder's heartbeat up to `observe` s."""
+
+    @abstractmethod
+    def release(self, force: bool, sleep: Sleep) -> str:
+        """Operator release; returns what was done, raises FencedOut when refused."""
+
+    @abstractmethod
+    def held_by_instance(self, instance: str) -> bool:
+        """True if the fence is held right now by this token and pgfence instance."""

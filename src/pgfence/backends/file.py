@@ -1,0 +1,384 @@
+"""The file backend: the fence is a lock file on the same volume as the data directory.
+
+Who may take the lock (the policy; `lockfile.py` does the atomic writes):
+
+    lock file          holder's token   strict mode           lease mode
+    ---------------    --------------   -------------------   ------------------------------
+    none               -                take it               take it
+    one-line (legacy)  ours             take it (seed rule)   take it (seed rule)
+    pgfence record     ours, other      take it after the     same
+                       instance         observation period;
+                                        73 if it heartbeats
+    any                another token    73                    strict or one-line lock: never
+                                                              taken over (wait for release);
+                                                              lease: take over after TTL +
+                                                              lock-delay of silence
+
+"Silence" is always judged by reading the lock's content on this machine's monotonic
+clock, never by timestamps or mtimes (NFS caches attributes, and hosts' clocks differ).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable
+
+from pgfence import clock, log
+from pgfence.backends.base import Backend, Guard, Hold, LockState, Sleep
+from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
+from pgfence.lockfile import LockFile, Snapshot
+from pgfence.record import Holder, LegacyLock, LockRecord, parse
+from pgfence.timings import Timings
+
+GENERATION_SIDECAR = "generation"
+PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
+
+
+class FileHold(Hold):
+    def __init__(self, lockfile: LockFile, record: LockRecord) -> None:
+        self._lockfile = lockfile
+        self._record = record
+        self._written = Snapshot(record.encode())
+        self._mutex = threading.Lock()  # renewals and release never overlap
+        self.generation = record.generation
+        self.instance = record.instance
+        self.acquired_clock = record.clock
+
+    def renew(self, guard: Guard) -> bool:
+        with self._mutex:
+            record = self._record.next_beat(clock.now(), clock.wall_iso())
+            outcome = self._lockfile.renew(self._written, record.encode(), guard)
+            if outcome.ok:
+                self._record, self._written = record, Snapshot(record.encode())
+                return True
+            if outcome.found == self._written:
+                return False  # still ours, but the guard said it is too late to write
+            raise LockLost(f"the lock at {self._lockfile.path} {_now_holds(outcome.found)}")
+
+    def release(self) -> bool:
+        with self._mutex:
+            return self._lockfile.remove(self._written).ok
+
+    def child_environment(self) -> dict[str, str]:
+        return {"PGFENCE_LOCK_FILE": self._lockfile.path}
+
+
+class FileBackend(Backend):
+    def __init__(self, path: str, token: str, instance: str, timings: Timings, wait: bool) -> None:
+        self._lockfile = LockFile(path, instance)
+        self._token = token
+        self._instance = instance
+        self._timings = timings
+        self._wait = wait
+
+    def location(self) -> str:
+        return self._lockfile.path
+
+    # -- acquisition -----------------------------------------------------------------
+
+    def acquire(self, sleep: Sleep) -> FileHold:
+        watched: Snapshot | None = None  # the lock content we are timing
+        since = 0.0  # when we first saw `watched`, on our clock
+        changes = 0  # how often the lock changed while we watched: a live holder
+        attempt = 1  # takeover attempt; moves on only past an abandoned claim
+        claim_seen: tuple[str, bytes | None, float] | None = None
+        next_progress = clock.now() + PROGRESS_EVERY
+        while True:
+            snapshot = self._lockfile.read()
+            now = clock.now()
+            if snapshot is None:
+                hold = self._create()
+                if hold:
+                    return hold
+                continue  # another process created it first: judge its lock
+            holder = parse(snapshot.data, self._lockfile.path)
+            if snapshot != watched:
+                if watched is not None:
+                    changes += 1
+                watched, since, attempt, claim_seen = snapshot, now, 1, None
+            needed = self._silence_needed(holder, changes)
+            silent = now - since
+            if needed is not None and silent >= needed:
+                claim = f"{self._next_generation(holder)}-{attempt}"
+                hold, busy_claim = self._takeover(snapshot, holder, claim, needed)
+                if hold:
+                    return hold
+                busy = self._lockfile.read_claim(claim) if busy_claim else None
+                if busy is None:
+                    continue  # lock changed, or the other claimer finished: look again
+                if claim_seen is None or claim_seen[:2] != (claim, busy):
+                    claim_seen = (claim, busy, now)
+                elif now - claim_seen[2] >= needed:
+                    # The claimer stopped (crashed, or stalled past its own limit) while
+                    # the lock stayed unchanged: use the next attempt's claim name.
+                    log.event(
+                        "claim_abandoned",
+                        f"takeover claim {claim} looks abandoned; trying the next one",
+                        level="warning",
+                        claim=claim,
+                    )
+                    attempt += 1
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY
+                log.event(
+                    "waiting",
+                    _waiting_message(holder, silent, needed),
+                    holder=holder.token,
+                    silent_seconds=round(silent, 1),
+                    needed_seconds=needed,
+                )
+            sleep(self._timings.poll)
+
+    def _silence_needed(self, holder: Holder, changes: int) -> float | None:
+        """Seconds of silence after which `holder`'s lock is ours to take; None: never
+        (wait for its release). Raises FencedOut when we must give up now."""
+        where = self._lockfile.path
+        if isinstance(holder, LegacyLock):
+            if holder.token == self._token:
+                return 0.0  # the shell script's rule: our token, our lock
+            if self._timings.mode == "lease" and self._wait:
+                return None
+            raise FencedOut(f"fenced out: {where} is held by {holder.describe()}")
+        if holder.token == self._token:
+            if changes and not (self._timings.mode == "lease" and self._wait):
+                raise FencedOut(
+                    f"fenced out: {where} is held by another live pgfence with the same token "
+                    f"{holder.token!r} (instance {holder.instance}, its heartbeat moved); "
+                    "give each container a distinct token (FENCE_VARIABLE)"
+                )
+            if holder.mode == "lease":
+                return self._timings.takeover_wait(holder)
+            return holder.silence_required()
+        if self._timings.mode == "strict":
+            raise FencedOut(f"fenced out: {where} is held by {holder.describe()}")
+        if holder.mode == "strict":
+            if self._wait:
+                return None
+            raise FencedOut(
+                f"fenced out: {where} is held by {holder.describe()}; "
+                "lease mode never takes over a strict-mode lock"
+            )
+        if changes and not self._wait:
+            raise FencedOut(
+                f"fenced out: {where} is held by {holder.describe()}, whose lease is alive"
+            )
+        return self._timings.takeover_wait(holder)
+
+    def _create(self) -> FileHold | None:
+        record = self._new_record(self._next_generation(None))
+        if not self._lockfile.create(record.encode()):
+            return None
+        return self._won(record, "acquired", "free")
+
+    def _takeover(
+        self, snapshot: Snapshot, holder: Holder, claim: str, needed: float
+    ) -> tuple[FileHold | None, bool]:
+        """Try to replace `snapshot`: (our hold, False) or (None, whether the claim was busy)."""
+        record = self._new_record(self._next_generation(holder))
+        started = clock.now()
+
+        def in_time() -> bool:
+            # A claimer that stalled for half the takeover wait may meet a contender
+            # that has given its claim up for abandoned: it must not write.
+            return clock.now() - started < max(needed / 2, 1.0)
+
+        outcome = self._lockfile.takeover(snapshot, record.encode(), claim, in_time)
+        if not outcome.ok:
+            return None, outcome.busy
+        self._lockfile.remove_claims(f"{record.generation}-")
+        return self._won(record, "took over", holder.describe()), False
+
+    def _won(self, record: LockRecord, verb: str, previous: str) -> FileHold:
+        hold = FileHold(self._lockfile, record)
+        try:
+            self._lockfile.write_sidecar(GENERATION_SIDECAR, f"{record.generation}\n".encode())
+        except StorageError:
+            hold.release()
+            raise
+        log.event(
+            "acquired",
+            f"{verb} {self._lockfile.path} as token {record.token!r} "
+            f"(generation {record.generation}; previously {previous}); "
+            f"{self._timings.describe()}",
+            lock=self._lockfile.path,
+            token=record.token,
+            instance=record.instance,
+            generation=record.generation,
+            mode=record.mode,
+            previous=previous,
+        )
+        return hold
+
+    def _next_generation(self, holder: Holder | None) -> int:
+        """One more than any generation this lock has had (lock file or its sidecar)."""
+        data = self._lockfile.read_sidecar(GENERATION_SIDECAR)
+        last = 0
+        if data is not None:
+            text = data.decode("ascii", "replace").strip()
+            if not text.isdigit() or len(text) > 18:
+                raise LockFormatError(
+                    f"{self._lockfile.path}.{GENERATION_SIDECAR} does not hold a generation "
+                    "number; restore it, or remove it if no server runs on this data directory"
+                )
+            last = int(text)
+        if isinstance(holder, LockRecord):
+            last = max(last, holder.generation)
+        return last + 1
+
+    def _new_record(self, generation: int) -> LockRecord:
+        wall = clock.wall_iso()
+        return LockRecord(
+            token=self._token,
+            instance=self._instance,
+            mode=self._timings.mode,
+            generation=generation,
+            heartbeat=0,
+            interval=self._timings.interval,
+            ttl=self._timings.ttl,
+            lock_delay=self._timings.lock_delay,
+            pid=os.getpid(),
+            host=os.uname().nodename,
+            boot_id=clock.boot_id(),
+            clock=clock.now(),
+            acquired_at=wall,
+            heartbeat_at=wall,
+        )
+
+    # -- operator commands -----------------------------------------------------------
+
+    def state(self, observe: float | None, sleep: Sleep) -> LockState:
+        snapshot = self._lockfile.read()
+        if snapshot is None:
+            return LockState(self.location(), None, False, None, None, "none", 0.0)
+        holder = parse(snapshot.data, self._lockfile.path)
+        ours = holder.token == self._token
+        if isinstance(holder, LegacyLock):
+            return LockState(self.location(), holder, ours, None, None, "none", 0.0)
+        stale_after = 2 * holder.interval + 1.0
+        if holder.boot_id == clock.boot_id():
+            # Same kernel, same monotonic clock: the age is exact, no need to watch.
+            age = clock.now() - holder.clock
+            if age >= -1.0:
+                age = max(age, 0.0)
+                return LockState(
+                    self.location(), holder, ours, age <= stale_after, age, "same-boot clock", 0.0
+                )
+        limit = min(holder.silence_required(), stale_after) if observe is None else observe
+        changed, watched = self._watch(snapshot, limit, sleep, None)
+        if changed:
+            return LockState(self.location(), holder, ours, True, watched, "observed", watched)
+        alive = False if watched >= stale_after else None
+        return LockState(self.location(), holder, ours, alive, watched, "observed", watched)
+
+    def release(self, force: bool, sleep: Sleep) -> str:
+        where = self._lockfile.path
+        snapshot = self._lockfile.read()
+        if snapshot is None:
+            return f"{where} does not exist; nothing to release"
+        try:
+            holder: Holder | None = parse(snapshot.data, where)
+        except LockFormatError:
+            if not force:
+                raise
+            holder = None
+        first_line = snapshot.data.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+        if not force:
+            assert holder is not None
+            if isinstance(holder, LegacyLock):
+                raise FencedOut(
+                    f"{where} is a one-line lock of {holder.token!r} without heartbeat, so "
+                    "pgfence cannot tell whether its holder still runs; make sure no server "
+                    "runs on this data directory, then use `pgfence release --force`"
+                )
+            needed = holder.silence_required()
+
+            def progress(silent: float) -> None:
+                log.event(
+                    "waiting",
+                    f"watching {holder.describe()}: heartbeat silent "
+                    f"{silent:.1f} s of {needed:g} s needed",
+                    silent_seconds=round(silent, 1),
+                    needed_seconds=needed,
+                )
+
+            changed, _ = self._watch(snapshot, needed, sleep, progress)
+            if changed:
+                raise FencedOut(
+                    f"not released: {where} is held by {holder.describe()}, "
+                    "whose heartbeat is moving (the holder is alive)"
+                )
+        # The first takeover claim of this state: a release and a takeover of the same
+        # lock exclude each other, so a release can never delete a fresh takeover.
+        claim = f"{holder.generation + 1 if isinstance(holder, LockRecord) else 1}-1"
+        outcome = self._lockfile.remove(snapshot, claim)
+        if not outcome.ok:
+            now = "is being taken over" if outcome.busy else _now_holds(outcome.found)
+            raise FencedOut(
+                f"not released: {where} changed while it was being released "
+                f"(it now {now}); look again with `pgfence status`"
+            )
+        what = holder.describe() if holder else f"unreadable content (first line {first_line!r})"
+        log.event(
+            "removed",
+            f"removed {where}, which held {what}",
+            level="warning",
+            lock=where,
+            forced=force,
+            first_line=first_line,
+        )
+        return f"released {where} (it held {what})"
+
+    def held_by_instance(self, instance: str) -> bool:
+        snapshot = self._lockfile.read()
+        if snapshot is None:
+            return False
+        holder = parse(snapshot.data, self._lockfile.path)
+        return (
+            isinstance(holder, LockRecord)
+            and holder.token == self._token
+            and holder.instance == instance
+        )
+
+    def _watch(
+        self,
+        snapshot: Snapshot,
+        limit: float,
+        sleep: Sleep,
+        progress: Callable[[float], None] | None,
+    ) -> tuple[bool, float]:
+        """Watch the lock for up to `limit` seconds: (changed, seconds watched)."""
+        start = clock.now()
+        next_progress = start + 2.0
+        poll = 0.1
+        while True:
+            elapsed = clock.now() - start
+            if self._lockfile.read() != snapshot:
+                return True, elapsed
+            if elapsed >= limit:
+                return False, elapsed
+            if progress and clock.now() >= next_progress:
+                next_progress += 2.0
+                progress(elapsed)
+            sleep(min(poll, limit - elapsed))
+
+
+def _waiting_message(holder: Holder, silent: float, needed: float | None) -> str:
+    if needed is None:
+        return (
+            f"waiting: lock held by {holder.describe()}, which lease mode never takes "
+            "over; waiting for it to be released"
+        )
+    return (
+        f"waiting for the lock held by {holder.describe()}: heartbeat silent "
+        f"{silent:.1f} s of {needed:.3g} s needed"
+    )
+
+
+def _now_holds(found: Snapshot | None) -> str:
+    if found is None:
+        return "was removed"
+    try:
+        return f"holds {parse(found.data, 'lock').describe()}"
+    except LockFormatError:
+        return "holds unreadable content"

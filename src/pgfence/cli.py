@@ -1,0 +1,258 @@
+"""The `pgfence` command: parse, dispatch, and turn errors into one line and an exit code.
+
+This is the only module that prints; everything else raises typed errors or logs events.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from pgfence import __version__, log
+from pgfence.backends.base import Backend, LockState
+from pgfence.config import COMMAND_OPTIONS, Settings, help_text, parse_args, resolve
+from pgfence.errors import (
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNHEALTHY,
+    EXIT_USAGE,
+    PgfenceError,
+    UsageError,
+)
+from pgfence.record import LegacyLock
+
+USAGE = """\
+usage: pgfence run [OPTIONS] -- COMMAND [ARG...]   start COMMAND while holding the fence
+       pgfence status [OPTIONS] [--json]           who holds the fence, and is it alive
+       pgfence release [OPTIONS] [--force]         clear a lock left by a dead holder
+       pgfence check [OPTIONS]                     health check: 0 if we hold it, else 1
+       pgfence COMMAND --help                      options of one command
+Installed as `postgres` first on PATH, it fences the real postgres found further down.
+Exit codes: 64 usage, 65 unreadable lock, 73 fenced out, 74 storage error, 75 fence lost;
+otherwise the command's own status (128+N when killed by signal N)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    from pgfence import shim
+
+    if argv and shim.is_shim(argv[0]):
+        return _guard(lambda: _shim(argv))
+    args = argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return EXIT_OK if args else EXIT_USAGE
+    if args[0] == "--version":
+        print(f"pgfence {__version__}")
+        return EXIT_OK
+    command = args[0]
+    if command not in COMMAND_OPTIONS:
+        return _guard(
+            lambda: _fail(
+                UsageError(
+                    f"unknown command {command!r}; expected one of: {', '.join(COMMAND_OPTIONS)}"
+                )
+            )
+        )
+    if any(a in ("-h", "--help") for a in _own_args(args[1:])):
+        tail = " -- COMMAND [ARG...]" if command == "run" else ""
+        print(f"usage: pgfence {command} [OPTIONS]{tail}")
+        print(help_text(command))
+        return EXIT_OK
+    if command == "check":
+        return _check(args[1:])
+    return _guard(lambda: _dispatch(command, args[1:]))
+
+
+def _own_args(args: Sequence[str]) -> Sequence[str]:
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _settings(command: str, args: Sequence[str]) -> tuple[Settings, list[str]]:
+    values, rest = parse_args(command, args)
+    settings = resolve(command, values, os.environ)
+    log.configure(settings.log_format)
+    return settings, rest
+
+
+def _dispatch(command: str, args: Sequence[str]) -> int:
+    settings, rest = _settings(command, args)
+    if command == "run":
+        if not rest:
+            raise UsageError("`pgfence run` needs a command, e.g. `pgfence run -- postgres`")
+        return _run(settings, rest)
+    if rest:
+        raise UsageError(f"`pgfence {command}` takes no arguments, got {rest[0]!r}")
+    if command == "status":
+        return _status(settings)
+    return _release(settings)
+
+
+def _guard(action: object) -> int:
+    """Run `action`, turning pgfence errors into one line and their exit code."""
+    assert callable(action)
+    try:
+        code = action()
+        assert isinstance(code, int)
+        return code
+    except PgfenceError as exc:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(exc: PgfenceError) -> int:
+    log.event(exc.event, exc.message, level="error", exit_code=exc.exit_code)
+    return exc.exit_code
+
+
+def _backend(settings: Settings) -> Backend:
+    from pgfence.backends import open_backend
+    from pgfence.record import new_instance_id
+
+    return open_backend(settings, new_instance_id())
+
+
+def _run(settings: Settings, command: list[str]) -> int:
+    from pgfence import holder, supervisor
+    from pgfence.datadir import check_same_filesystem, data_directory
+    from pgfence.metrics import Metrics, serve
+
+    backend = _backend(settings)
+    nested = os.environ.get(holder.INSTANCE_ENV)
+    if (
+        nested
+        and os.environ.get(holder.LOCK_ENV) == backend.location()
+        and backend.held_by_instance(nested)
+    ):
+        # A pgfence further up this process tree holds the fence and supervises us
+        # (wrapper around the entrypoint plus the postgres shim): run the command as is.
+        log.event(
+            "nested",
+            f"{backend.location()} is held by the pgfence supervising this "
+            f"process (instance {nested}); running {command[0]} directly",
+        )
+        return _exec(command)
+    data_dir = data_directory(command, os.environ)
+    if settings.backend == "file" and data_dir and not settings.allow_other_filesystem:
+        check_same_filesystem(settings.lock_file, data_dir)
+    metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
+    if settings.metrics_address:
+        serve(settings.metrics_address, metrics)
+    supervisor.block_signals()
+    return holder.run(
+        backend, settings.timings, command, settings.drain_grace, settings.user, metrics
+    )
+
+
+def _exec(command: list[str]) -> int:
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        raise PgfenceError(f"cannot run {command[0]}: {exc.strerror}") from None
+    return EXIT_NOT_FOUND  # not reached
+
+
+def _shim(argv: list[str]) -> int:
+    from pgfence import shim
+
+    real = shim.real_postgres(argv[0], os.environ)
+    args = argv[1:]
+    if not shim.starts_server(args):
+        os.execv(real, [real, *args])
+    settings, _ = _settings("run", [])
+    return _run(settings, [real, *args])
+
+
+def _status(settings: Settings) -> int:
+    from pgfence.holder import interruptible_sleep
+
+    state = _backend(settings).state(settings.observe, interruptible_sleep)
+    holder = state.holder
+    if settings.json:
+        import json
+        from dataclasses import asdict
+
+        described = None
+        if holder is not None:
+            kind = "legacy" if isinstance(holder, LegacyLock) else "pgfence"
+            described = {**asdict(holder), "format": kind}
+        age = state.heartbeat_age
+        print(
+            json.dumps(
+                {
+                    "lock": state.location,
+                    "state": "held" if holder else "free",
+                    "holder": described,
+                    "ours": state.ours,
+                    "alive": state.alive,
+                    "heartbeat_age_seconds": None if age is None else round(age, 3),
+                    "age_basis": state.age_basis,
+                    "observed_seconds": round(state.observed_for, 3),
+                }
+            )
+        )
+        return EXIT_OK
+    print(f"lock:        {state.location}")
+    if holder is None:
+        print("state:       free")
+        return EXIT_OK
+    print("state:       held")
+    print(f"holder:      {holder.token}" + ("  (this token)" if state.ours else ""))
+    if isinstance(holder, LegacyLock):
+        print("format:      one-line lock (no heartbeat, no instance)")
+        return EXIT_OK
+    print(f"instance:    {holder.instance} (pid {holder.pid} on {holder.host})")
+    print(f"mode:        {holder.mode}")
+    print(f"generation:  {holder.generation}")
+    print(f"taken at:    {holder.acquired_at} (holder's wall clock)")
+    print(f"heartbeat:   #{holder.heartbeat}, {_liveness(state)}")
+    return EXIT_OK
+
+
+def _liveness(state: LockState) -> str:
+    age = state.heartbeat_age
+    if state.age_basis == "same-boot clock":
+        verdict = "alive" if state.alive else "silent"
+        return f"{age:.1f} s ago ({verdict}; measured on this machine's clock)"
+    if state.alive:
+        return f"moved within {age:.1f} s of watching (alive)"
+    if state.alive is False:
+        return f"no change for {age:.1f} s of watching (silent)"
+    return f"no change for {age:.1f} s of watching (not long enough to call it silent)"
+
+
+def _release(settings: Settings) -> int:
+    from pgfence.holder import interruptible_sleep
+
+    print(_backend(settings).release(settings.force, interruptible_sleep))
+    return EXIT_OK
+
+
+def _check(args: Sequence[str]) -> int:
+    """Health check: only 0 or 1, because Docker and Kubernetes give other codes meaning."""
+    from pgfence.holder import interruptible_sleep
+
+    try:
+        settings, rest = _settings("check", args)
+        if rest:
+            raise UsageError(f"`pgfence check` takes no arguments, got {rest[0]!r}")
+        state = _backend(settings).state(None, interruptible_sleep)
+    except PgfenceError as exc:
+        _fail(exc)
+        return EXIT_UNHEALTHY
+    if state.holder is None:
+        print(f"unhealthy: {state.location} is free")
+        return EXIT_UNHEALTHY
+    if not state.ours:
+        print(f"unhealthy: {state.location} is held by {state.holder.token!r}, not by this token")
+        return EXIT_UNHEALTHY
+    if not state.alive:
+        print(
+            f"unhealthy: we hold {state.location} but its heartbeat is not fresh "
+            f"({_liveness(state)})"
+        )
+        return EXIT_UNHEALTHY
+    print(f"healthy: holding {state.location}, heartbeat {_liveness(state)}")
+    return EXIT_OK

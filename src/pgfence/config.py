@@ -1,0 +1,412 @@
+"""Command-line options and environment variables, resolved into one Settings value.
+
+Every option has a flag and (mostly) an environment variable; a flag beats the
+environment, which beats the default. Values are checked here, once, with messages that
+name where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pgfence.errors import UsageError
+from pgfence.record import token_problem
+from pgfence.timings import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_TTL, MIN_TTL, Timings
+
+DEFAULT_LOCK_FILE = "/var/lib/postgresql/data/fence_lock"
+DEFAULT_DRAIN_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    dest: str
+    env: str | None
+    metavar: str | None  # None: a switch without a value
+    help: str
+    negative: str | None = None  # "--no-wait" for "--wait"
+
+
+COMMON = (
+    Option(
+        "--lock-file",
+        "lock_file",
+        "FENCE_LOCK_FILE",
+        "PATH",
+        f"lock file on the data volume (default {DEFAULT_LOCK_FILE})",
+    ),
+    Option(
+        "--token",
+        "token",
+        "FENCE_VARIABLE",
+        "TOKEN",
+        "this holder's token (default $HOSTNAME, else the kernel hostname)",
+    ),
+    Option(
+        "--log-format",
+        "log_format",
+        "FENCE_LOG_FORMAT",
+        "text|json",
+        "event format on stderr (default text)",
+    ),
+)
+BACKEND = (
+    Option(
+        "--backend",
+        "backend",
+        "FENCE_BACKEND",
+        "file|etcd",
+        "where the fence lives: a lock file (default) or an etcd key",
+    ),
+    Option(
+        "--etcd-endpoints",
+        "etcd_endpoints",
+        "FENCE_ETCD_ENDPOINTS",
+        "URL[,URL...]",
+        "etcd client URLs, e.g. https://10.0.0.1:2379,https://10.0.0.2:2379",
+    ),
+    Option(
+        "--etcd-key",
+        "etcd_key",
+        "FENCE_ETCD_KEY",
+        "KEY",
+        "the etcd key holding this data directory's fence (one key per data directory)",
+    ),
+    Option("--etcd-user", "etcd_user", "FENCE_ETCD_USER", "NAME", "etcd user name"),
+    Option(
+        "--etcd-password-file",
+        "etcd_password_file",
+        "FENCE_ETCD_PASSWORD_FILE",
+        "PATH",
+        "file holding the etcd password (never given on the command line)",
+    ),
+    Option(
+        "--etcd-ca-file",
+        "etcd_ca_file",
+        "FENCE_ETCD_CA_FILE",
+        "PATH",
+        "CA bundle to verify https endpoints",
+    ),
+    Option(
+        "--etcd-cert-file",
+        "etcd_cert_file",
+        "FENCE_ETCD_CERT_FILE",
+        "PATH",
+        "client certificate for https endpoints",
+    ),
+    Option(
+        "--etcd-key-file",
+        "etcd_key_file",
+        "FENCE_ETCD_KEY_FILE",
+        "PATH",
+        "private key of the client certificate",
+    ),
+    Option(
+        "--etcd-allow-insecure",
+        "etcd_allow_insecure",
+        "FENCE_ETCD_ALLOW_INSECURE",
+        None,
+        "allow plain http to an etcd endpoint that is not on loopback",
+    ),
+)
+LEASE = (
+    Option(
+        "--mode",
+        "mode",
+        "FENCE_MODE",
+        "strict|lease",
+        "strict: never take over a lock (default); lease: take over a silent lease",
+    ),
+    Option(
+        "--ttl",
+        "ttl",
+        "FENCE_LEASE_TTL",
+        "SECONDS",
+        f"lease mode: lease time to live (default {DEFAULT_TTL:g}, at least {MIN_TTL:g})",
+    ),
+    Option(
+        "--lock-delay",
+        "lock_delay",
+        "FENCE_LOCK_DELAY",
+        "SECONDS",
+        "lease mode: extra silence required before a takeover (default TTL/4)",
+    ),
+    Option(
+        "--heartbeat-interval",
+        "heartbeat_interval",
+        "FENCE_HEARTBEAT_INTERVAL",
+        "SECONDS",
+        f"strict mode: seconds between heartbeats (default {DEFAULT_HEARTBEAT_INTERVAL:g})",
+    ),
+)
+RUN = (
+    Option(
+        "--wait",
+        "wait",
+        "FENCE_WAIT",
+        None,
+        "lease mode: wait for the lock instead of exiting 73 (default in lease mode)",
+        negative="--no-wait",
+    ),
+    Option(
+        "--allow-other-filesystem",
+        "allow_other_filesystem",
+        "FENCE_ALLOW_OTHER_FILESYSTEM",
+        None,
+        "start even if the lock file is not on the data directory's filesystem",
+    ),
+    Option(
+        "--user",
+        "user",
+        "FENCE_USER",
+        "USER[:GROUP]",
+        "run the command as this user (the parent-death signal survives the switch)",
+    ),
+    Option(
+        "--metrics-address",
+        "metrics_address",
+        "FENCE_METRICS_ADDRESS",
+        "HOST:PORT",
+        "serve Prometheus metrics there (off by default; a bare :PORT means loopback)",
+    ),
+    Option(
+        "--drain-grace",
+        "drain_grace",
+        "FENCE_DRAIN_GRACE",
+        "SECONDS",
+        "after the command exits, how long leftover processes get after SIGTERM "
+        f"before SIGKILL (default {DEFAULT_DRAIN_GRACE:g})",
+    ),
+)
+STATUS = (
+    Option("--json", "json", None, None, "print the state as one JSON object"),
+    Option(
+        "--observe",
+        "observe",
+        None,
+        "SECONDS",
+        "how long to watch a holder on another machine for a heartbeat",
+    ),
+)
+RELEASE = (
+    Option(
+        "--force",
+        "force",
+        None,
+        None,
+        "remove the lock whatever it holds (after making sure no server runs)",
+    ),
+)
+
+COMMAND_OPTIONS: dict[str, tuple[Option, ...]] = {
+    "run": COMMON + BACKEND + LEASE + RUN,
+    "status": COMMON + BACKEND + LEASE + STATUS,
+    "release": COMMON + BACKEND + LEASE + RELEASE,
+    "check": COMMON + BACKEND + LEASE,
+}
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """Raw etcd options; the etcd backend checks them (only when it is chosen)."""
+
+    endpoints: str | None
+    key: str | None
+    user: str | None
+    password_file: str | None
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    allow_insecure: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    token: str
+    backend: str  # "file" or "etcd"
+    lock_file: str
+    etcd: EtcdSettings
+    log_format: str
+    timings: Timings
+    wait: bool
+    allow_other_filesystem: bool
+    drain_grace: float
+    user: str | None
+    metrics_address: str | None
+    json: bool
+    observe: float | None
+    force: bool
+
+
+def parse_args(command: str, args: Sequence[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """Split `args` into option values and the remaining positional arguments.
+
+    Parsing stops at `--` or at the first positional argument, so that a supervised
+    command's own options are never mistaken for ours.
+    """
+    options = COMMAND_OPTIONS[command]
+    by_flag: dict[str, tuple[Option, bool]] = {}
+    for option in options:
+        by_flag[option.flag] = (option, True)
+        if option.negative:
+            by_flag[option.negative] = (option, False)
+    values: dict[str, str | bool] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return values, list(args[i + 1 :])
+        if not arg.startswith("-") or arg == "-":
+            return values, list(args[i:])
+        flag, has_inline, inline = arg.partition("=")
+        if flag not in by_flag:
+            raise UsageError(
+                f"unknown option {flag!r} for `pgfence {command}`; see `pgfence {command} --help`"
+            )
+        option, positive = by_flag[flag]
+        if option.metavar is None:
+            if has_inline:
+                raise UsageError(f"option {flag} takes no value")
+            values[option.dest] = positive
+        elif has_inline:
+            values[option.dest] = inline
+        elif i + 1 < len(args):
+            i += 1
+            values[option.dest] = args[i]
+        else:
+            raise UsageError(f"option {flag} needs a value ({option.metavar})")
+        i += 1
+    return values, []
+
+
+def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, str]) -> Settings:
+    """Apply flag > environment > default, and check every value."""
+    options = {o.dest: o for o in COMMAND_OPTIONS[command]}
+
+    def raw(dest: str) -> tuple[str | bool | None, str]:
+        option = options.get(dest)
+        if option is None:
+            return None, ""
+        if dest in values:
+            return values[dest], option.flag
+        if option.env and option.env in env:
+            return env[option.env], option.env
+        return None, ""
+
+    def seconds(dest: str, default: float | None, minimum: float) -> float | None:
+        value, source = raw(dest)
+        if value is None:
+            return default
+        try:
+            number = float(str(value))
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < minimum or number > 86400:
+            raise UsageError(
+                f"{source}={value!r} is not a number of seconds from {minimum:g} to 86400"
+            )
+        return number
+
+    def switch(dest: str, default: bool) -> bool:
+        value, source = raw(dest)
+        if value is None:
+            return default
+        if isinstance(value, bool):
+            return value
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise UsageError(f"{source}={value!r} must be 1/true/yes/on or 0/false/no/off")
+
+    def choice(dest: str, default: str, allowed: tuple[str, ...]) -> str:
+        value, source = raw(dest)
+        if value is None:
+            return default
+        if value not in allowed:
+            raise UsageError(f"{source}={value!r} must be one of: {', '.join(allowed)}")
+        return str(value)
+
+    mode = choice("mode", "strict", ("strict", "lease"))
+    if mode == "lease":
+        ttl = seconds("ttl", DEFAULT_TTL, MIN_TTL)
+        assert ttl is not None
+        timings = Timings.lease(ttl, seconds("lock_delay", None, 0.0))
+    else:
+        interval = seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL, 0.1)
+        assert interval is not None
+        timings = Timings.strict(interval)
+    drain_grace = seconds("drain_grace", DEFAULT_DRAIN_GRACE, 0.0)
+    assert drain_grace is not None
+    lock_file, _ = raw("lock_file")
+    return Settings(
+        token=_token(values, env),
+        backend=choice("backend", "file", ("file", "etcd")),
+        lock_file=_lock_file(lock_file),
+        etcd=EtcdSettings(
+            endpoints=_optional_text(raw("etcd_endpoints")[0]),
+            key=_optional_text(raw("etcd_key")[0]),
+            user=_optional_text(raw("etcd_user")[0]),
+            password_file=_optional_text(raw("etcd_password_file")[0]),
+            ca_file=_optional_text(raw("etcd_ca_file")[0]),
+            cert_file=_optional_text(raw("etcd_cert_file")[0]),
+            key_file=_optional_text(raw("etcd_key_file")[0]),
+            allow_insecure=switch("etcd_allow_insecure", False),
+        ),
+        log_format=choice("log_format", "text", ("text", "json")),
+        timings=timings,
+        wait=switch("wait", mode == "lease"),
+        allow_other_filesystem=switch("allow_other_filesystem", False),
+        drain_grace=drain_grace,
+        user=_optional_text(raw("user")[0]),
+        metrics_address=_optional_text(raw("metrics_address")[0]),
+        json=bool(values.get("json", False)),
+        observe=seconds("observe", None, 0.0),
+        force=bool(values.get("force", False)),
+    )
+
+
+def _token(values: Mapping[str, str | bool], env: Mapping[str, str]) -> str:
+    if "token" in values:
+        token, source = str(values["token"]), "--token"
+    elif "FENCE_VARIABLE" in env:
+        token, source = env["FENCE_VARIABLE"], "FENCE_VARIABLE"
+    elif "HOSTNAME" in env:
+        token, source = env["HOSTNAME"], "HOSTNAME"
+    else:
+        token, source = os.uname().nodename, "the kernel hostname"
+    problem = token_problem(token)
+    if problem:
+        raise UsageError(
+            f"the token from {source} {problem}; set FENCE_VARIABLE (or --token) to a "
+            "single-line name of this container"
+        )
+    return token
+
+
+def _optional_text(value: str | bool | None) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def _lock_file(value: str | bool | None) -> str:
+    path = DEFAULT_LOCK_FILE if value is None else str(value)
+    if not path or path.endswith("/") or "\0" in path:
+        raise UsageError(
+            f"lock file path {path!r} must name a file; fix FENCE_LOCK_FILE or --lock-file"
+        )
+    return os.path.abspath(path)
+
+
+def help_text(command: str) -> str:
+    lines = []
+    for option in COMMAND_OPTIONS[command]:
+        name = option.flag + (f" {option.metavar}" if option.metavar else "")
+        if option.negative:
+            name += f", {option.negative}"
+        env = f" [{option.env}]" if option.env else ""
+        lines.append(f"  {name:34} {option.help}{env}")
+    return "\n".join(lines)

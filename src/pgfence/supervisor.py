@@ -1,0 +1,186 @@
+"""The supervised command: start it, pass signals on, reap, and outlive its whole tree.
+
+Signals are blocked in every thread and collected with sigtimedwait(2) by the main loop,
+so none is lost between two checks and none runs a Python handler at an awkward moment.
+pgfence is a child subreaper (or PID 1): every descendant that loses its parent is
+re-parented to it, so "the tree is gone" can be checked, not assumed. A server started by
+`pg_ctl` in its own session is such a descendant.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from pgfence import linux
+from pgfence.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, CommandError
+
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+HANDLED = (*FORWARDED, signal.SIGCHLD)
+
+
+def block_signals() -> None:
+    """Queue the signals we handle instead of acting on them (inherited by threads)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def next_signal(timeout: float) -> int | None:
+    """The next handled signal, or None after `timeout` seconds."""
+    info = signal.sigtimedwait(HANDLED, max(0.0, timeout))
+    return None if info is None else info.si_signo
+
+
+class Supervisor:
+    def __init__(self, argv: list[str], env: dict[str, str], user: str | None = None) -> None:
+        self.is_init = os.getpid() == 1
+        if not self.is_init:
+            linux.become_subreaper()
+        self._own_proc = _proc_is_ours()
+        self.exit_status: int | None = None  # shell convention: code, or 128+signal
+        self.pid = _spawn(argv, env, user)
+
+    def reap(self) -> None:
+        """Collect every exited child (zombies included, as PID 1 must)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid:
+                code = os.waitstatus_to_exitcode(status)
+                self.exit_status = 128 - code if code < 0 else code
+
+    def forward(self, signum: int) -> None:
+        if self.exit_status is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def remaining(self) -> list[int]:
+        """Processes we must outlive: as PID 1 every process in the namespace, otherwise
+        every descendant. Zombies are dead and do not count."""
+        table = _process_table()
+        me = os.getpid()
+        if self.is_init and self._own_proc:
+            return [pid for pid, (_, state) in table.items() if pid != me and state != "Z"]
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        found: list[int] = []
+        stack = list(children.get(me, ()))
+        while stack:
+            pid = stack.pop()
+            if table[pid][1] != "Z":
+                found.append(pid)
+            stack.extend(children.get(pid, ()))
+        return found
+
+    def signal_all(self, signum: int) -> None:
+        for pid in self.remaining():
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def kill_all(self) -> None:
+        """SIGKILL the command's whole tree and return only once all of it is gone."""
+        while True:
+            if self.is_init and self._own_proc:
+                try:
+                    os.kill(-1, signal.SIGKILL)  # every process in the namespace but us
+                except ProcessLookupError:
+                    pass
+            else:
+                self.signal_all(signal.SIGKILL)
+            self.reap()
+            if not self.remaining():
+                return
+            signal.sigtimedwait([signal.SIGCHLD], 0.005)
+
+
+def _spawn(argv: list[str], env: dict[str, str], user: str | None) -> int:
+    ids = _user_ids(user) if user else None
+    parent = os.getpid()
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child: only async-signal-safe-ish work until exec
+        try:
+            os.close(read_end)
+            os.setsid()
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these
+                signal.signal(signum, signal.SIG_DFL)
+            if ids:
+                os.setgroups(ids[2])
+                os.setgid(ids[1])
+                os.setuid(ids[0])
+            linux.set_parent_death_signal(signal.SIGKILL)  # after the user switch
+            if os.getppid() != parent:
+                os._exit(1)  # pgfence died before the line above took effect
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            os.write(write_end, str(exc.errno or 0).encode())
+        finally:
+            os._exit(EXIT_NOT_FOUND)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        failure = pipe.read()
+    if not failure:
+        return pid
+    os.waitpid(pid, 0)
+    err = int(failure or b"0")
+    if err in (errno.ENOENT, errno.ENOTDIR):
+        raise CommandError(f"command not found: {argv[0]}", EXIT_NOT_FOUND)
+    raise CommandError(f"cannot run {argv[0]}: {os.strerror(err)}", EXIT_NOT_EXECUTABLE)
+
+
+def _user_ids(user: str) -> tuple[int, int, list[int]]:
+    import grp
+    import pwd
+
+    name, _, group = user.partition(":")
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        gid = entry.pw_gid
+        if group:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, ValueError):
+        raise CommandError(f"unknown user or group {user!r}", 64) from None
+    groups = [g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem]
+    return entry.pw_uid, gid, sorted({gid, *groups})
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) for every process /proc shows."""
+    table: dict[int, tuple[int, str]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        table[int(name)] = (int(fields[1]), fields[0].decode())
+    return table
+
+
+def _proc_is_ours() -> bool:
+    """True if /proc belongs to our PID namespace (then PID 1 sees exactly its own)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
