@@ -27,6 +27,7 @@ usage: pgfence run [OPTIONS] -- COMMAND [ARG...]   start COMMAND while holding t
        pgfence status [OPTIONS] [--json]           who holds the fence, and is it alive
        pgfence release [OPTIONS] [--force]         clear a lock left by a dead holder
        pgfence check [OPTIONS]                     health check: 0 if we hold it, else 1
+       pgfence verify-fs DIR [OPTIONS]             test a shared directory's semantics
        pgfence COMMAND --help                      options of one command
 Installed as `postgres` first on PATH, it fences the real postgres found further down.
 Exit codes: 64 usage, 65 unreadable lock, 73 fenced out, 74 storage error, 75 fence lost;
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgfence {__version__}")
         return EXIT_OK
     command = args[0]
-    if command not in COMMAND_OPTIONS:
+    if command not in (*COMMAND_OPTIONS, "verify-fs"):
         return _guard(
             lambda: _fail(
                 UsageError(
@@ -55,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         )
+    if command == "verify-fs":
+        from pgfence import verifyfs
+
+        return _guard(lambda: verifyfs.main(args[1:]))
     if any(a in ("-h", "--help") for a in _own_args(args[1:])):
         tail = " -- COMMAND [ARG...]" if command == "run" else ""
         print(f"usage: pgfence {command} [OPTIONS]{tail}")
