@@ -59,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "verify-fs":
         from pgfence import verifyfs
 
-        return _guard(lambda: verifyfs.main(args[1:]))
-    if any(a in ("-h", "--help") for a in _own_args(args[1:])):
+        return _guard(lambda: verifyfs.main(args[1:], print))
+    if any(a in ("-h", "--help") for a in _own_args(command, args[1:])):
         tail = " -- COMMAND [ARG...]" if command == "run" else ""
         print(f"usage: pgfence {command} [OPTIONS]{tail}")
         print(help_text(command))
@@ -70,8 +70,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guard(lambda: _dispatch(command, args[1:]))
 
 
-def _own_args(args: Sequence[str]) -> Sequence[str]:
-    return args[: args.index("--")] if "--" in args else args
+def _own_args(command: str, args: Sequence[str]) -> Sequence[str]:
+    """The arguments that are pgfence's: up to `--` or the first positional argument, as
+    `parse_args` reads them (`pgfence run postgres -h '*'` must not print our help)."""
+    takes_value = {o.flag for o in COMMAND_OPTIONS[command] if o.metavar}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            return args[:i]
+        i += 2 if arg in takes_value else 1
+    return args
 
 
 def _settings(command: str, args: Sequence[str]) -> tuple[Settings, list[str]]:
@@ -142,13 +151,49 @@ def _run(settings: Settings, command: list[str]) -> int:
     data_dir = data_directory(command, os.environ)
     if settings.backend == "file" and data_dir and not settings.allow_other_filesystem:
         check_same_filesystem(settings.lock_file, data_dir)
+    if settings.user:
+        supervisor.check_user(settings.user)
+    supervisor.check_command(command[0], dict(os.environ))
     metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
     supervisor.block_signals()
     return holder.run(
-        backend, settings.timings, command, settings.drain_grace, settings.user, metrics
+        backend,
+        settings.timings,
+        command,
+        settings.drain_grace,
+        settings.user,
+        metrics,
+        fence_environment(settings),
     )
+
+
+def fence_environment(settings: Settings) -> dict[str, str]:
+    """The FENCE_* settings that name this fence, for the supervised command.
+
+    A pgfence that the command starts (the `postgres` shim under a wrapped entrypoint,
+    configured from the environment only) then names the very fence we hold, also when
+    ours came from flags, and recognises it as its supervisor's instead of refusing.
+    """
+    env = {"FENCE_VARIABLE": settings.token, "FENCE_BACKEND": settings.backend}
+    if settings.backend == "file":
+        env["FENCE_LOCK_FILE"] = settings.lock_file
+        return env
+    etcd = settings.etcd
+    optional = {
+        "FENCE_ETCD_ENDPOINTS": etcd.endpoints,
+        "FENCE_ETCD_KEY": etcd.key,
+        "FENCE_ETCD_USER": etcd.user,
+        "FENCE_ETCD_PASSWORD_FILE": etcd.password_file,
+        "FENCE_ETCD_CA_FILE": etcd.ca_file,
+        "FENCE_ETCD_CERT_FILE": etcd.cert_file,
+        "FENCE_ETCD_KEY_FILE": etcd.key_file,
+    }
+    env.update({name: value for name, value in optional.items() if value})
+    if etcd.allow_insecure:
+        env["FENCE_ETCD_ALLOW_INSECURE"] = "1"
+    return env
 
 
 def _exec(command: list[str]) -> int:
@@ -218,6 +263,8 @@ def _status(settings: Settings) -> int:
 
 def _liveness(state: LockState) -> str:
     age = state.heartbeat_age
+    if age is None:  # a one-line lock: `check` of our own seed-style lock gets here
+        return "none: a one-line lock has no heartbeat"
     if state.age_basis == "same-boot clock":
         verdict = "alive" if state.alive else "silent"
         return f"{age:.1f} s ago ({verdict}; measured on this machine's clock)"

@@ -118,7 +118,8 @@ LEASE = (
         "mode",
         "FENCE_MODE",
         "strict|lease",
-        "strict: never take over a lock (default); lease: take over a silent lease",
+        "strict: never take over a lock (default); lease: take over a silent lease "
+        "(the default and only mode with --backend etcd)",
     ),
     Option(
         "--ttl",
@@ -331,7 +332,9 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
             raise UsageError(f"{source}={value!r} must be one of: {', '.join(allowed)}")
         return str(value)
 
-    mode = choice("mode", "strict", ("strict", "lease"))
+    backend = choice("backend", "file", ("file", "etcd"))
+    # An etcd key lives only as long as its lease: lease mode is that backend's default.
+    mode = choice("mode", "lease" if backend == "etcd" else "strict", ("strict", "lease"))
     if mode == "lease":
         ttl = seconds("ttl", DEFAULT_TTL, MIN_TTL)
         assert ttl is not None
@@ -345,7 +348,7 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     lock_file, _ = raw("lock_file")
     return Settings(
         token=_token(values, env),
-        backend=choice("backend", "file", ("file", "etcd")),
+        backend=backend,
         lock_file=_lock_file(lock_file),
         etcd=EtcdSettings(
             endpoints=_optional_text(raw("etcd_endpoints")[0]),

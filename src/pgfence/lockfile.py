@@ -150,12 +150,17 @@ class LockFile:
         `claim` names this takeover (the new generation and an attempt number); the claim
         file makes concurrent takeovers of the same state mutually exclusive. Outcome.ok
         is False with busy=True when another contender holds the claim. `guard()` is
-        checked just before the rename (a claimer that stalled too long gives up).
+        checked just before the rename (a claimer that stalled too long gives up), and
+        again before the claim is freed: a claim held past the guard's limit may have
+        been judged abandoned by contenders that moved on to the next attempt's claim,
+        and freeing it would let one still on this attempt take it too, so that two
+        claimers replace the lock. Such a claim stays until the winner removes it.
         """
         claim_path = self.claim_path(claim)
         if not self._link_new(claim_path, self._claim_content()):
             return Outcome(False, None, busy=True)
         temp = ""
+        replaced = False
         try:
             temp = self._write_temp(data)
             current = self.read()
@@ -163,12 +168,14 @@ class LockFile:
                 return Outcome(False, current)
             self._rename(temp, self.path)
             temp = ""
+            replaced = True
             self._sync_directory()
             return Outcome(True)
         finally:
             if temp:
                 self._unlink_quietly(temp)
-            self._unlink_quietly(claim_path)
+            if replaced or guard():
+                self._unlink_quietly(claim_path)
 
     def remove(self, expected: Snapshot, claim: str | None = None) -> Outcome:
         """Delete the lock if it still holds `expected` (under a claim, for other holders)."""

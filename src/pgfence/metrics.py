@@ -80,7 +80,7 @@ class Metrics:
                 self.renewal_seconds_last,
             ),
             (
-                "pgfence_renewal_duration_seconds_sum",
+                "pgfence_renewal_seconds_total",  # counters end in _total (parsers insist)
                 "counter",
                 "total time spent renewing",
                 "",
@@ -115,7 +115,7 @@ def serve(address: str, metrics: Metrics) -> None:
 
     host, _, port_text = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise UsageError(f"--metrics-address {address!r} must be HOST:PORT or :PORT")
 
     class Handler(BaseHTTPRequestHandler):

@@ -198,15 +198,17 @@ def _record(
 
     def integer(key: str) -> int:
         value = fields[key]
-        if not value.isdigit() or len(value) > 18:
+        # isascii(): str.isdigit() also accepts "²" (int() raises) and "٣" (int() takes it).
+        if not (value.isascii() and value.isdigit()) or len(value) > 18:
             raise bad(f"has a bad {key} {value[:20]!r}")
         return int(value)
 
     def seconds(key: str) -> float:
-        try:
-            value = float(fields[key])
-        except ValueError:
-            raise bad(f"has a bad {key} {fields[key][:20]!r}") from None
+        text = fields[key]
+        digits = text.replace(".", "", 1)
+        if not (digits.isascii() and digits.isdigit()) or len(text) > 20:
+            raise bad(f"has a bad {key} {text[:20]!r}")
+        value = float(text)
         if not (0 <= value < 1e9):
             raise bad(f"has an out-of-range {key}")
         return value

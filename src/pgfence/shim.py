@@ -15,6 +15,21 @@ from pgfence.errors import EXIT_NOT_FOUND, CommandError
 
 PROGRAM_NAMES = ("postgres",)
 PASSTHROUGH_FLAGS = ("--version", "-V", "--help", "-?", "--describe-config")
+# `postgres -C NAME` prints a setting before it looks at the data directory, except for
+# the settings PostgreSQL computes at run time (15 and later): for those it first locks
+# the data directory, rewriting the postmaster.pid of a server running in another
+# container and deleting it on exit; that server then shuts itself down within a minute
+# ("data directory lock file is invalid"). So these are fenced like a server start.
+RUNTIME_COMPUTED = frozenset(
+    {
+        "data_checksums",
+        "data_directory_mode",
+        "num_os_semaphores",
+        "shared_memory_size",
+        "shared_memory_size_in_huge_pages",
+        "wal_segment_size",
+    }
+)
 
 
 def is_shim(argv0: str) -> bool:
@@ -23,10 +38,14 @@ def is_shim(argv0: str) -> bool:
 
 def starts_server(args: Sequence[str]) -> bool:
     """False for invocations that only print something and never open the data directory.
-    `--single` and `--boot` do write to it, so they are fenced like a server start."""
-    for arg in args:
-        if arg in PASSTHROUGH_FLAGS or arg.startswith("-C") or arg.startswith("--describe-config"):
+    `--single` and `--boot` do write to it, so they are fenced like a server start, and
+    so is `-C` of a setting computed at run time (see RUNTIME_COMPUTED)."""
+    for i, arg in enumerate(args):
+        if arg in PASSTHROUGH_FLAGS or arg.startswith("--describe-config"):
             return False
+        if arg.startswith("-C"):
+            name = arg[2:] or (args[i + 1] if i + 1 < len(args) else "")
+            return name.lower() in RUNTIME_COMPUTED  # GUC names ignore case
     return True
 
 
@@ -34,13 +53,19 @@ def real_postgres(self_path: str, env: Mapping[str, str]) -> str:
     """The real server binary: $FENCE_POSTGRES_BIN, else the next `postgres` on PATH that
     is neither this program nor another copy of pgfence."""
     configured = env.get("FENCE_POSTGRES_BIN")
+    me = os.path.realpath(self_path)
     if configured:
         if not (os.path.isfile(configured) and os.access(configured, os.X_OK)):
             raise CommandError(
                 f"FENCE_POSTGRES_BIN={configured!r} is not an executable file", EXIT_NOT_FOUND
             )
+        if os.path.realpath(configured) == me or _is_pgfence(configured):
+            # Running it would exec this shim again, forever (holding the lock).
+            raise CommandError(
+                f"FENCE_POSTGRES_BIN={configured!r} is pgfence itself, not the real postgres",
+                EXIT_NOT_FOUND,
+            )
         return configured
-    me = os.path.realpath(self_path)
     for directory in env.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(directory or ".", "postgres")
         if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
@@ -56,10 +81,21 @@ def real_postgres(self_path: str, env: Mapping[str, str]) -> str:
 
 
 def _is_pgfence(path: str) -> bool:
-    """A script or zipapp of pgfence (a copy of this shim elsewhere on PATH)."""
+    """A copy of pgfence elsewhere on PATH: its console script (which imports pgfence.cli)
+    or a zipapp holding pgfence/cli.py. The real postgres is an ELF binary."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError:
         return False
-    return head.startswith(b"#!") and b"pgfence" in head
+    if not head.startswith(b"#!"):
+        return False
+    if b"pgfence.cli" in head:
+        return True
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return "pgfence/cli.py" in archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False

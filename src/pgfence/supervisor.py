@@ -119,7 +119,9 @@ def _spawn(argv: list[str], env: dict[str, str], user: str | None) -> int:
             os.close(read_end)
             os.setsid()
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these
+            # Python ignores SIGPIPE and SIGXFSZ; a shell's background job starts with
+            # SIGINT and SIGQUIT ignored. Everything we forward must reach the command.
+            for signum in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED):
                 signal.signal(signum, signal.SIG_DFL)
             if ids:
                 os.setgroups(ids[2])
@@ -143,6 +145,27 @@ def _spawn(argv: list[str], env: dict[str, str], user: str | None) -> int:
     if err in (errno.ENOENT, errno.ENOTDIR):
         raise CommandError(f"command not found: {argv[0]}", EXIT_NOT_FOUND)
     raise CommandError(f"cannot run {argv[0]}: {os.strerror(err)}", EXIT_NOT_EXECUTABLE)
+
+
+def check_command(argv0: str, env: dict[str, str]) -> None:
+    """Raise CommandError (127/126) if `argv0` cannot be executed, as execvp would find it:
+    checked before the lock is taken, so a typo never touches the lock."""
+    if "/" in argv0:
+        candidates = [argv0]
+    else:
+        path = env.get("PATH", os.defpath)
+        candidates = [os.path.join(d or ".", argv0) for d in path.split(os.pathsep)]
+    found = [c for c in candidates if os.path.exists(c)]
+    if not found:
+        raise CommandError(f"command not found: {argv0}", EXIT_NOT_FOUND)
+    if not any(os.path.isfile(c) and os.access(c, os.X_OK) for c in found):
+        raise CommandError(f"cannot run {argv0}: {os.strerror(errno.EACCES)}", EXIT_NOT_EXECUTABLE)
+
+
+def check_user(user: str) -> None:
+    """Raise CommandError (64) for an unknown user or group: called before the lock is
+    taken, so a configuration error never converts or removes a lock."""
+    _user_ids(user)
 
 
 def _user_ids(user: str) -> tuple[int, int, list[int]]:

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from harness.procs import Registry, alive
 
 UNSHARE = ["unshare", "--uts", "--pid", "--ipc", "--mount", "--fork", "--mount-proc"]
+# For short-lived sandboxes: if unshare itself dies (a test timeout), so does the inside.
+UNSHARE_KILL_CHILD = [*UNSHARE, "--kill-child"]
 # An inherited HOSTNAME survives unshare, so the sandbox sets both, then becomes `argv`.
 _ENTER = 'hostname "$0" && export HOSTNAME="$0" && exec "$@"'
 
@@ -84,7 +86,10 @@ class Sandbox:
     def stop_all(self) -> None:
         """Freeze every process inside (SIGSTOP), as a frozen container."""
         for pid in self.pids():
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass  # exited between listing and signalling
 
     def continue_all(self) -> None:
         for pid in self.pids():
@@ -113,7 +118,7 @@ def run_in_sandbox(
 ) -> subprocess.CompletedProcess[str]:
     """Run a short command in a fresh sandbox and wait for it."""
     return subprocess.run(
-        [*UNSHARE, "sh", "-c", _ENTER, name, *argv],
+        [*UNSHARE_KILL_CHILD, "sh", "-c", _ENTER, name, *argv],
         text=True,
         capture_output=True,
         timeout=timeout,

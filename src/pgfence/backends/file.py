@@ -29,7 +29,7 @@ from pgfence.backends.base import Backend, Guard, Hold, LockState, Sleep
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
 from pgfence.lockfile import LockFile, Snapshot
 from pgfence.record import Holder, LegacyLock, LockRecord, parse
-from pgfence.timings import Timings
+from pgfence.timings import MIN_TTL, Timings
 
 GENERATION_SIDECAR = "generation"
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
@@ -109,9 +109,10 @@ class FileBackend(Backend):
                     continue  # lock changed, or the other claimer finished: look again
                 if claim_seen is None or claim_seen[:2] != (claim, busy):
                     claim_seen = (claim, busy, now)
-                elif now - claim_seen[2] >= needed:
-                    # The claimer stopped (crashed, or stalled past its own limit) while
-                    # the lock stayed unchanged: use the next attempt's claim name.
+                elif now - claim_seen[2] >= max(needed, 2 * _claim_limit(holder, needed)):
+                    # The claimer stopped (crashed, or stalled past its own limit, which
+                    # is at most half this long) while the lock stayed unchanged: use the
+                    # next attempt's claim name.
                     log.event(
                         "claim_abandoned",
                         f"takeover claim {claim} looks abandoned; trying the next one",
@@ -177,16 +178,31 @@ class FileBackend(Backend):
         """Try to replace `snapshot`: (our hold, False) or (None, whether the claim was busy)."""
         record = self._new_record(self._next_generation(holder))
         started = clock.now()
+        limit = _claim_limit(holder, needed)
 
         def in_time() -> bool:
-            # A claimer that stalled for half the takeover wait may meet a contender
-            # that has given its claim up for abandoned: it must not write.
-            return clock.now() - started < max(needed / 2, 1.0)
+            # A claimer that stalled past its limit may meet a contender that has given
+            # its claim up for abandoned: it must not write (nor free the claim).
+            return clock.now() - started < limit
 
         outcome = self._lockfile.takeover(snapshot, record.encode(), claim, in_time)
         if not outcome.ok:
             return None, outcome.busy
         self._lockfile.remove_claims(f"{record.generation}-")
+        if not in_time():
+            # Paused between the last check and the rename: a contender may have called
+            # our claim abandoned, taken the lock over and started its server, and our
+            # rename replaced its lease; it stops at its next renewal. Do not start ours
+            # on this lock: wait out our own lease like any contender, then take it.
+            log.event(
+                "waiting",
+                f"took over {self._lockfile.path} only {clock.now() - started:.2f} s after "
+                f"deciding to (limit {limit:.3g} s): a newer holder may have been "
+                "overwritten; not starting the command on it, waiting again",
+                level="warning",
+                generation=record.generation,
+            )
+            return None, False
         return self._won(record, "took over", holder.describe()), False
 
     def _won(self, record: LockRecord, verb: str, previous: str) -> FileHold:
@@ -361,6 +377,21 @@ class FileBackend(Backend):
                 next_progress += 2.0
                 progress(elapsed)
             sleep(min(poll, limit - elapsed))
+
+
+def _claim_limit(holder: Holder, needed: float) -> float:
+    """How long a takeover of `holder`'s lock may hold its claim before giving up.
+
+    Contenders call a claim abandoned only after seeing it unchanged for twice this long
+    (see `acquire`), so a claimer within its limit is never overtaken, even by a
+    contender that waits less than we do: every contender of a lease waits at least the
+    holder's own TTL (never less than MIN_TTL) plus its lock-delay, whatever TTL each
+    was given; for other locks the wait depends on the holder alone.
+    """
+    floor = needed
+    if isinstance(holder, LockRecord) and holder.mode == "lease":
+        floor = min(needed, max(MIN_TTL, holder.ttl) + holder.lock_delay)
+    return max(floor / 2, 1.0)
 
 
 def _waiting_message(holder: Holder, silent: float, needed: float | None) -> str:
