@@ -1,0 +1,350 @@
+"""The etcd backend: the fence is one etcd key, attached to a lease.
+
+Who may create the key (it is never overwritten, only created when absent):
+
+    key                    holder's token   --wait (the default)       --no-wait
+    ---------------------  ---------------  -------------------------  -----------------------
+    absent                 -                create it                  create it
+    pgfence record         another token    wait until it is gone      73
+    pgfence record         ours, another    wait until it is gone      73 once its heartbeat
+                           instance                                    moves; create it if it
+                                                                       disappears first
+    anything else          -                65                         65
+
+The key disappears only when its holder deletes it or when its lease expires, which etcd
+decides on its leader, linearizably. A contender that saw the key held waits the
+lock-delay once more after it disappeared, then creates it in a transaction (create
+revision 0 -> put): of many contenders exactly one succeeds.
+
+Acquisition grants a lease of ceil(TTL) seconds, then creates the key attached to it. The
+key's create revision is the fencing token (PGFENCE_GENERATION): etcd's revision only
+grows, so every acquisition gets a larger one.
+
+Renewal (every TTL/6) is a lease keep-alive, then a transaction that writes the next
+heartbeat only if the key still has our create revision, our lease and the value we last
+wrote; both must succeed. The transaction needs a quorum, so a renewal never succeeds
+through a member cut off from the majority (whose leader may still renew leases for an
+election timeout). The holder fences on its own clock, TTL/2 after the start of its last
+successful renewal (`holder.py`); the lease cannot expire before ceil(TTL) after that
+keep-alive reached the leader (a new leader restarts every lease's full TTL, so leader
+changes only lengthen it), and a contender then waits lock-delay more: the margin is at
+least TTL/2 + lock-delay, the same as the file backend's.
+
+Liveness, for `status`, `check` and `release`, is judged as with the file backend: the
+record's heartbeat (each renewal rewrites the value, so its mod revision moves) or, on the
+holder's own boot, the age of its monotonic clock reading. The lease's remaining TTL is
+not used: etcd reports it in whole seconds, which hides renewals of short TTLs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
+
+from pgfence import clock, log
+from pgfence.backends.base import Backend, LockState, Sleep
+from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
+from pgfence.backends.etcd_config import open_client
+from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
+from pgfence.errors import FencedOut, LockFormatError, PgfenceError, StorageError
+from pgfence.record import LockRecord
+from pgfence.timings import Timings
+
+if TYPE_CHECKING:
+    from pgfence.config import Settings
+
+PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
+WATCH_POLL = 0.2  # seconds between reads while watching a heartbeat
+
+
+class EtcdBackend(Backend):
+    def __init__(
+        self,
+        client: EtcdClient,
+        key: str,
+        token: str,
+        instance: str,
+        timings: Timings,
+        wait: bool,
+    ) -> None:
+        self.client = client
+        self._fence = FenceKey(client, key, timings)
+        self.key = self._fence.key
+        self._token = token
+        self._instance = instance
+        self._timings = timings
+        self._wait = wait
+        self.deadline = self._fence.deadline
+        self.slow = self._fence.slow
+        self._lease_ttl = max(1, math.ceil(timings.ttl))  # etcd counts whole seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings, instance: str) -> EtcdBackend:
+        """Check the etcd options (no network yet) and build the backend."""
+        client, key = open_client(settings)
+        return cls(client, key, settings.token, instance, settings.timings, settings.wait)
+
+    def location(self) -> str:
+        return self._fence.location()
+
+    # -- acquisition -----------------------------------------------------------------
+
+    def acquire(self, sleep: Sleep) -> EtcdHold:
+        contacted = False  # etcd answered once: later outages are waited out (--wait)
+        watched: KeyValue | None = None
+        beats = 0  # how often the watched holder's heartbeat moved
+        previous = "free"
+        vanished_at: float | None = None  # when a key we saw held disappeared
+        next_progress = clock.now() + PROGRESS_EVERY
+        while True:
+            try:
+                kv = self._fence.read()
+                contacted = True
+                if kv is None:
+                    now = clock.now()
+                    if watched is not None:
+                        vanished_at = vanished_at if vanished_at is not None else now
+                        left = vanished_at + self._timings.lock_delay - now
+                        if left > 0:
+                            sleep(min(self._timings.poll, left))
+                            continue
+                    created = self._create(previous)
+                    if isinstance(created, EtcdHold):
+                        return created
+                    kv = created
+                    if kv is None:
+                        continue  # created and deleted by others meanwhile: look again
+            except StorageError as exc:
+                if not (contacted and self._wait):
+                    raise
+                if clock.now() >= next_progress:
+                    next_progress = clock.now() + PROGRESS_EVERY
+                    log.event(
+                        "waiting",
+                        f"waiting for {self.location()}: etcd is unavailable ({exc.message})",
+                        level="warning",
+                    )
+                sleep(self._timings.poll)
+                continue
+            vanished_at = None
+            holder = self._fence.holder_of(kv)
+            if watched is not None and kv.create_revision == watched.create_revision:
+                beats += kv.mod_revision != watched.mod_revision
+            else:
+                beats = 0
+            watched, previous = kv, holder.describe()
+            if holder.token != self._token and not self._wait:
+                raise FencedOut(f"fenced out: {self.location()} is held by {holder.describe()}")
+            if holder.token == self._token and beats and not self._wait:
+                raise FencedOut(
+                    f"fenced out: {self.location()} is held by another live pgfence with the "
+                    f"same token {holder.token!r} (instance {holder.instance}, its heartbeat "
+                    "moved); give each container a distinct token (FENCE_VARIABLE)"
+                )
+            if clock.now() >= next_progress:
+                next_progress = clock.now() + PROGRESS_EVERY
+                log.event(
+                    "waiting",
+                    f"waiting for {self.location()}, held by {holder.describe()}: it is "
+                    f"free when its holder releases it or its lease ({self._lease_left(kv)}) "
+                    "expires",
+                    holder=holder.token,
+                    lease=f"{kv.lease:x}",
+                )
+            sleep(self._timings.poll)
+
+    def _create(self, previous: str) -> EtcdHold | KeyValue | None:
+        """Create the key: our hold, or the key another contender created first."""
+        started = clock.now()
+        until = started + self.deadline
+        lease, granted = self.client.grant(self._lease_ttl, until, self.slow)
+        record = self._new_record(started)
+        value = record.encode()
+        try:
+            ok, responses = self.client.txn(
+                [compare(self.key, "CREATE", 0)],
+                [put(self.key, value, lease), get(self.key)],
+                [get(self.key)],
+                until=until,
+                timeout=self.slow,
+            )
+        except PgfenceError:
+            self._fence.revoke_quietly(lease)  # takes the key along if the create did land
+            raise
+        found = first_kv(responses[-1]) if responses else None
+        if not ok or found is None or found.lease != lease:
+            self._fence.revoke_quietly(lease)
+            return found
+        record = replace(record, generation=found.create_revision)
+        hold = EtcdHold(self._fence, record, value, lease, granted, started)
+        hold.write_generation()
+        if clock.now() - started >= self.deadline:
+            hold.release()
+            raise StorageError(
+                f"acquiring {self.location()} took longer than the fence deadline "
+                f"({self.deadline:.3g} s); etcd is too slow for this TTL"
+            )
+        log.event(
+            "acquired",
+            f"acquired {self.location()} as token {self._token!r} (generation "
+            f"{hold.generation}, lease {lease:x} of {granted} s; previously {previous}); "
+            f"{self._timings.describe()}",
+            lock=self.location(),
+            token=self._token,
+            instance=self._instance,
+            generation=hold.generation,
+            lease=f"{lease:x}",
+            lease_ttl=granted,
+            previous=previous,
+        )
+        return hold
+
+    def _new_record(self, started: float) -> LockRecord:
+        wall = clock.wall_iso()
+        return LockRecord(
+            token=self._token,
+            instance=self._instance,
+            mode="lease",
+            generation=0,  # the create revision, written right after the key exists
+            heartbeat=0,
+            interval=self._timings.interval,
+            ttl=self._timings.ttl,
+            lock_delay=self._timings.lock_delay,
+            pid=os.getpid(),
+            host=os.uname().nodename,
+            boot_id=clock.boot_id(),
+            clock=started,
+            acquired_at=wall,
+            heartbeat_at=wall,
+        )
+
+    def _lease_left(self, kv: KeyValue) -> str:
+        try:
+            left, granted = self.client.time_to_live(kv.lease, timeout=self.slow)
+        except PgfenceError:
+            return f"{kv.lease:x}"
+        return f"{kv.lease:x}, {max(left, 0)} s of {granted} s left"
+
+    # -- operator commands ---------------------------------------------------------------
+
+    def state(self, observe: float | None, sleep: Sleep) -> LockState:
+        where = self.location()
+        kv = self._fence.read()
+        if kv is None:
+            return LockState(where, None, False, None, None, "none", 0.0)
+        holder = self._fence.holder_of(kv)
+        ours = holder.token == self._token
+        stale_after = 2 * holder.interval + 1.0
+        if holder.boot_id == clock.boot_id():
+            age = clock.now() - holder.clock
+            if age >= -1.0:
+                age = max(age, 0.0)
+                return LockState(
+                    where, holder, ours, age <= stale_after, age, "same-boot clock", 0.0
+                )
+        limit = min(holder.silence_required(), stale_after) if observe is None else observe
+        outcome, watched = self._watch(kv, limit, sleep, None)
+        if outcome == "gone":
+            return LockState(where, None, False, None, None, "none", watched)
+        if outcome == "moved":
+            return LockState(where, holder, ours, True, watched, "observed", watched)
+        alive = False if watched >= stale_after else None
+        return LockState(where, holder, ours, alive, watched, "observed", watched)
+
+    def release(self, force: bool, sleep: Sleep) -> str:
+        where = self.location()
+        kv = self._fence.read()
+        if kv is None:
+            return f"{where} does not exist; nothing to release"
+        holder: LockRecord | None
+        try:
+            holder = self._fence.holder_of(kv)
+        except LockFormatError:
+            if not force:
+                raise
+            holder = None
+        first_line = kv.value.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+        if holder is not None and not force:
+            needed = holder.silence_required()
+            record = holder
+
+            def progress(silent: float) -> None:
+                log.event(
+                    "waiting",
+                    f"watching {record.describe()}: heartbeat silent "
+                    f"{silent:.1f} s of {needed:g} s needed",
+                    silent_seconds=round(silent, 1),
+                    needed_seconds=needed,
+                )
+
+            outcome, _ = self._watch(kv, needed, sleep, progress)
+            if outcome == "moved":
+                raise FencedOut(
+                    f"not released: {where} is held by {holder.describe()}, "
+                    "whose heartbeat is moving (the holder is alive)"
+                )
+            if outcome == "gone":
+                return (
+                    f"{where} disappeared while being watched (its holder released it or "
+                    "its lease expired); nothing to release"
+                )
+        ok, responses = self.client.txn(
+            [compare(self.key, "MOD", kv.mod_revision)],
+            [delete(self.key)],
+            [get(self.key)],
+            timeout=self.slow,
+        )
+        if not ok:
+            now = self._fence.now_holds(first_kv(responses[0]) if responses else None)
+            raise FencedOut(
+                f"not released: {where} changed while it was being released (it {now}); "
+                "look again with `pgfence status`"
+            )
+        if kv.lease:
+            self._fence.revoke_quietly(kv.lease)  # its holder's next keep-alive then fails at once
+        what = holder.describe() if holder else f"unreadable content (first line {first_line!r})"
+        log.event(
+            "removed",
+            f"removed {where}, which held {what}",
+            level="warning",
+            lock=where,
+            forced=force,
+            first_line=first_line,
+        )
+        return f"released {where} (it held {what})"
+
+    def held_by_instance(self, instance: str) -> bool:
+        kv = self._fence.read()
+        if kv is None:
+            return False
+        holder = self._fence.holder_of(kv)
+        return holder.token == self._token and holder.instance == instance
+
+    def _watch(
+        self,
+        kv: KeyValue,
+        limit: float,
+        sleep: Sleep,
+        progress: Callable[[float], None] | None,
+    ) -> tuple[str, float]:
+        """Watch the key up to `limit` s: ("moved" | "gone" | "still", seconds watched)."""
+        start = clock.now()
+        next_progress = start + 2.0
+        while True:
+            elapsed = clock.now() - start
+            current = self._fence.read()
+            if current is None:
+                return "gone", elapsed
+            if (current.create_revision, current.mod_revision) != (
+                kv.create_revision,
+                kv.mod_revision,
+            ):
+                return "moved", elapsed
+            if elapsed >= limit:
+                return "still", elapsed
+            if progress and clock.now() >= next_progress:
+                next_progress += 2.0
+                progress(elapsed)
+            sleep(min(WATCH_POLL, limit - elapsed))

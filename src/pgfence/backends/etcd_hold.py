@@ -1,0 +1,224 @@
+"""One fence key in etcd: reading it, and holding it (renewal and release).
+
+A renewal is a lease keep-alive, then a transaction that writes the next heartbeat only if
+the key still has our create revision, our lease and the value we last wrote; both must
+succeed, and the whole renewal gives up at the fence deadline. The transaction needs a
+quorum, so no renewal succeeds through a member cut off from the majority (whose lease
+keep-alives may still be answered for an election timeout).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+from pgfence import clock
+from pgfence.backends.base import Guard, Hold
+from pgfence.backends.etcd_client import EtcdClient, GuardRefused, Json, KeyValue, b64, first_kv
+from pgfence.backends.etcd_config import request_timeouts
+from pgfence.errors import LockFormatError, LockLost, PgfenceError, StorageError
+from pgfence.record import LegacyLock, LockRecord, parse
+from pgfence.timings import Timings
+
+# -- parts of the transactions on the key ---------------------------------------------------
+
+
+def compare(key: bytes, target: str, value: int | bytes) -> Json:
+    """`target` is CREATE, MOD, VERSION, LEASE or VALUE; the result is always EQUAL."""
+    field = {
+        "CREATE": "create_revision",
+        "MOD": "mod_revision",
+        "VERSION": "version",
+        "LEASE": "lease",
+        "VALUE": "value",
+    }[target]
+    encoded = b64(value) if isinstance(value, bytes) else str(value)
+    return {"key": b64(key), "target": target, "result": "EQUAL", field: encoded}
+
+
+def put(key: bytes, value: bytes, lease: int) -> Json:
+    return {"request_put": {"key": b64(key), "value": b64(value), "lease": str(lease)}}
+
+
+def get(key: bytes) -> Json:
+    return {"request_range": {"key": b64(key)}}
+
+
+def delete(key: bytes) -> Json:
+    return {"request_delete_range": {"key": b64(key)}}
+
+
+class FenceKey:
+    """The key, the client that reaches it, and how long requests about it may take."""
+
+    def __init__(self, client: EtcdClient, key: str, timings: Timings) -> None:
+        self.client = client
+        self.text = key
+        self.key = key.encode("utf-8", "surrogateescape")
+        self.deadline = timings.deadline or timings.ttl / 2
+        self.slow = request_timeouts(timings)[1]
+
+    def location(self) -> str:
+        return f"etcd:{self.text}"
+
+    def read(self) -> KeyValue | None:
+        return self.client.get(self.key, timeout=self.slow)
+
+    def holder_of(self, kv: KeyValue) -> LockRecord:
+        """The pgfence record in `kv`, its generation being the key's create revision;
+        LockFormatError (65) for anything pgfence did not write."""
+        where = f"etcd key {self.text}"
+        hint = (
+            "inspect it with `etcdctl get`, and if no server runs on this data directory "
+            "remove it with `pgfence release --force`"
+        )
+        try:
+            holder = parse(kv.value, self.text)
+        except LockFormatError as exc:
+            raise LockFormatError(exc.message.replace(f"lock file {self.text}", where, 1)) from None
+        if isinstance(holder, LegacyLock):
+            raise LockFormatError(
+                f"{where} holds the one-line value {holder.token!r}, which pgfence never "
+                f"writes to etcd; {hint}"
+            )
+        if kv.lease == 0:
+            raise LockFormatError(
+                f"{where} holds {holder.describe()} without a lease, which pgfence never "
+                f"writes (it would never expire); {hint}"
+            )
+        return replace(holder, generation=kv.create_revision)
+
+    def own_record(
+        self, kv: KeyValue | None, instance: str, lease: int, generation: int
+    ) -> LockRecord | None:
+        """The record in `kv` if it is exactly that hold's, else None."""
+        if kv is None or kv.lease != lease or kv.create_revision != generation:
+            return None
+        try:
+            record = self.holder_of(kv)
+        except LockFormatError:
+            return None
+        return record if record.instance == instance else None
+
+    def now_holds(self, kv: KeyValue | None) -> str:
+        if kv is None:
+            return "was deleted"
+        try:
+            holder = self.holder_of(kv)
+        except LockFormatError:
+            return "holds content pgfence did not write"
+        return f"now holds {holder.describe()} (lease {kv.lease:x})"
+
+    def revoke_quietly(self, lease: int) -> None:
+        try:
+            self.client.revoke(lease, timeout=self.slow)
+        except PgfenceError:
+            pass  # an unused lease expires by itself
+
+
+class EtcdHold(Hold):
+    def __init__(
+        self,
+        fence: FenceKey,
+        record: LockRecord,
+        value: bytes,
+        lease: int,
+        granted: int,
+        acquired: float,
+    ) -> None:
+        self._fence = fence
+        self._client = fence.client
+        self._key = fence.key
+        self._record = record
+        self._value = value  # what we last wrote: renewals compare against it
+        self.lease = lease
+        self.granted = granted
+        self._mutex = threading.Lock()  # renewals and release never overlap
+        self.generation = record.generation
+        self.instance = record.instance
+        self.acquired_clock = acquired
+
+    def renew(self, guard: Guard) -> bool:
+        with self._mutex:
+            until = clock.now() + self._fence.deadline
+            try:
+                ttl = self._client.keepalive(self.lease, guard, until)
+                if ttl <= 0:
+                    raise LockLost(
+                        f"etcd no longer knows the lease {self.lease:x} of "
+                        f"{self._fence.location()}: it expired or was revoked"
+                    )
+                self._beat(self._record.next_beat(clock.now(), clock.wall_iso()), guard, until)
+            except GuardRefused:
+                return False
+            except (LockLost, StorageError):
+                raise
+            except PgfenceError as exc:  # e.g. credentials refused mid-hold: not fatal by itself
+                raise StorageError(exc.message) from None
+            except Exception as exc:  # never a traceback from the renewer: the deadline decides
+                raise StorageError(f"renewal failed unexpectedly: {exc!r}") from None
+            return True
+
+    def write_generation(self) -> None:
+        """Right after creating the key: write the record again with its generation (the
+        create revision, unknown before the write). Best effort: every renewal writes it."""
+        with self._mutex:
+            try:
+                self._beat(self._record, None, clock.now() + self._fence.deadline)
+            except PgfenceError:
+                pass
+
+    def _beat(self, record: LockRecord, guard: Guard | None, until: float) -> None:
+        key = self._key
+        for _ in range(2):
+            data = record.encode()
+            ok, responses = self._client.txn(
+                [
+                    compare(key, "CREATE", self.generation),
+                    compare(key, "LEASE", self.lease),
+                    compare(key, "VALUE", self._value),
+                ],
+                [put(key, data, self.lease)],
+                [get(key)],
+                guard,
+                until,
+            )
+            if ok:
+                self._record, self._value = record, data
+                return
+            found = first_kv(responses[0]) if responses else None
+            mine = self._fence.own_record(found, self.instance, self.lease, self.generation)
+            if found is None or mine is None:
+                break
+            # Our previous write landed although its answer was lost: go on from it.
+            self._value = found.value
+            record = mine.next_beat(clock.now(), clock.wall_iso())
+        raise LockLost(f"{self._fence.location()} {self._fence.now_holds(found)}")
+
+    def release(self) -> bool:
+        with self._mutex:
+            key, slow = self._key, self._fence.slow
+            try:
+                ok, _ = self._client.txn(
+                    [compare(key, "CREATE", self.generation), compare(key, "LEASE", self.lease)],
+                    [delete(key)],
+                    [],
+                    timeout=slow,
+                )
+            except PgfenceError as exc:
+                try:
+                    self._client.revoke(self.lease, timeout=slow)  # its keys go with it
+                    return True
+                except PgfenceError:
+                    raise StorageError(
+                        f"could not release {self._fence.location()} ({exc.message}); it "
+                        f"disappears when its lease expires, within {self.granted} s"
+                    ) from None
+            self._fence.revoke_quietly(self.lease)
+            return ok
+
+    def child_environment(self) -> dict[str, str]:
+        return {
+            "PGFENCE_ETCD_KEY": self._key.decode("utf-8", "surrogateescape"),
+            "PGFENCE_ETCD_LEASE": f"{self.lease:x}",  # hex, as etcdctl prints and reads it
+        }

@@ -1,0 +1,254 @@
+"""The etcd backend on a real three-member etcd cluster on loopback ports.
+
+Every supervised child appends its start (and stop) to one log, stamped with
+CLOCK_BOOTTIME, its pid and the generation it was given; the assertions are orderings on
+that one clock, never durations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import PGFENCE, pgfence_run
+from harness import etcd as h
+from harness.procs import Registry, alive
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
+]
+TTL = 3.0  # fence deadline 1.5 s, renewal every 0.5 s, lock-delay 0.75 s
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[h.EtcdCluster]:
+    c = h.EtcdCluster(str(tmp_path_factory.mktemp("etcd3")), size=3)
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+class Fleet:
+    """pgfence processes of one test, their stderr files and the children's shared log."""
+
+    def __init__(self, procs: Registry, directory: str, endpoints: str, key: str) -> None:
+        self.procs = procs
+        self.dir = directory
+        self.endpoints = endpoints
+        self.key = key
+        self.log = os.path.join(directory, "children.log")
+
+    def env(self, token: str, ttl: float = TTL, **extra: str) -> dict[str, str]:
+        return h.fence_env(self.endpoints, self.key, token, ttl, **extra)
+
+    def start(
+        self, name: str, *flags: str, mode: str = "hold", ttl: float = TTL, **extra: str
+    ) -> subprocess.Popen[bytes]:
+        with open(os.path.join(self.dir, f"{name}.stderr"), "wb") as err:
+            return self.procs.start(
+                [PGFENCE, "run", *flags, "--", *h.child_argv(self.log, name, mode)],
+                env=self.env(name, ttl, **extra),
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+
+    def stderr(self, name: str) -> str:
+        with open(os.path.join(self.dir, f"{name}.stderr")) as f:
+            return f.read()
+
+    def starts(self) -> list[h.Event]:
+        return [e for e in h.events(self.log) if e.kind == "start"]
+
+
+@pytest.fixture
+def fleet(cluster: h.EtcdCluster, procs: Registry, tmp_path: object) -> Fleet:
+    return Fleet(procs, str(tmp_path), cluster.endpoints(), f"/pgfence/{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.timeout(180)
+def test_16_contenders_without_waiting_exactly_one_holds_each_round(fleet: Fleet) -> None:
+    generations = []
+    for round_ in range(3):
+        names = [f"r{round_}c{i}" for i in range(16)]
+        contenders = {n: fleet.start(n, "--no-wait", ttl=4) for n in names}
+        h.wait_for(
+            "15 of 16 contenders to give up",
+            lambda c=contenders: sum(p.poll() is not None for p in c.values()) >= 15,
+            timeout=90,
+        )
+        running = [n for n, p in contenders.items() if p.poll() is None]
+        codes = {n: p.returncode for n, p in contenders.items() if n not in running}
+        assert len(running) == 1, codes
+        assert set(codes.values()) == {73}, {n: fleet.stderr(n) for n in codes}
+        winner = running[0]
+        start = h.started(fleet.log, winner, timeout=30)
+        assert [e.name for e in fleet.starts() if e.name in names] == [winner]
+        generations.append(start.generation)
+        contenders[winner].send_signal(signal.SIGTERM)
+        assert contenders[winner].wait(timeout=30) == 0, fleet.stderr(winner)
+    assert generations == sorted(set(generations))
+
+
+@pytest.mark.timeout(240)
+def test_16_waiting_contenders_take_turns_without_overlap(fleet: Fleet) -> None:
+    names = [f"w{i}" for i in range(16)]
+    contenders = {n: fleet.start(n, mode="run:0.3", ttl=4, FENCE_LOCK_DELAY="0.2") for n in names}
+    for name, proc in contenders.items():
+        assert proc.wait(timeout=200) == 0, fleet.stderr(name)
+    events = h.events(fleet.log)
+    starts = sorted((e for e in events if e.kind == "start"), key=lambda e: e.time)
+    stops = {e.name: e.time for e in events if e.kind == "stop"}
+    assert sorted(e.name for e in starts) == sorted(names)
+    for before, after in zip(starts, starts[1:]):
+        assert stops[before.name] < after.time, (before, after)
+        assert before.generation < after.generation
+
+
+@pytest.mark.timeout(120)
+def test_killed_holder_is_taken_over_only_after_its_lease_expired(
+    fleet: Fleet, cluster: h.EtcdCluster
+) -> None:
+    holder = fleet.start("A")
+    a = h.started(fleet.log, "A", timeout=30)
+    contender = fleet.start("B")
+    time.sleep(TTL)  # the contender watches a live holder: it must keep waiting
+    assert [e.name for e in fleet.starts()] == ["A"], fleet.stderr("B")
+
+    killed_at = h.boottime()
+    h.kill_tree([holder.pid, a.pid])  # pgfence and its child, no chance to release
+    b = h.started(fleet.log, "B", timeout=60)
+    assert b.time > killed_at
+    assert b.generation > a.generation
+    # The old lease is gone: the contender waited for etcd to expire it.
+    ttl = cluster.etcdctl("lease", "timetolive", a.lease)
+    assert "already expired" in ttl.stdout, ttl.stdout
+    assert contender.poll() is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tamper", ["delete", "overwrite"])
+def test_holder_whose_key_was_deleted_or_overwritten_kills_its_child(
+    fleet: Fleet, cluster: h.EtcdCluster, tamper: str
+) -> None:
+    holder = fleet.start("A")
+    a = h.started(fleet.log, "A", timeout=30)
+    if tamper == "delete":
+        cluster.etcdctl("del", fleet.key)
+    else:
+        cluster.etcdctl("put", fleet.key, "someone else")
+    assert holder.wait(timeout=30) == 75
+    assert not alive(a.pid)
+    assert "lost the lock" in fleet.stderr("A")
+
+
+@pytest.mark.timeout(120)
+def test_status_check_and_release_see_the_etcd_holder(fleet: Fleet, cluster: h.EtcdCluster) -> None:
+    holder = fleet.start("A")
+    a = h.started(fleet.log, "A", timeout=30)
+
+    status = pgfence_run("status", "--json", env=fleet.env("other"))
+    assert status.returncode == 0, status.stderr
+    state = json.loads(status.stdout)
+    assert state["state"] == "held" and state["lock"] == f"etcd:{fleet.key}"
+    assert state["holder"]["token"] == "A" and state["alive"] is True
+    kv = json.loads(cluster.etcdctl("get", fleet.key, "-w", "json").stdout)["kvs"][0]
+    assert state["holder"]["generation"] == a.generation == int(kv["create_revision"])
+
+    assert pgfence_run("check", env=fleet.env("A")).returncode == 0
+    assert pgfence_run("check", env=fleet.env("other")).returncode == 1
+    refused = pgfence_run("release", env=fleet.env("other"))
+    assert refused.returncode == 73 and "alive" in refused.stderr
+    assert holder.poll() is None and alive(a.pid)
+
+    forced = pgfence_run("release", "--force", env=fleet.env("other"))
+    assert forced.returncode == 0, forced.stderr
+    assert holder.wait(timeout=30) == 75  # its next renewal finds the key gone
+    assert not alive(a.pid)
+    free = json.loads(pgfence_run("status", "--json", env=fleet.env("other")).stdout)
+    assert free["state"] == "free"
+
+
+@pytest.mark.timeout(180)
+def test_quorum_loss_fences_the_holder_and_after_recovery_exactly_one_runs(
+    procs: Registry, tmp_path: object
+) -> None:
+    directory = str(tmp_path)
+    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3)
+    os.makedirs(cluster.directory)
+    try:
+        cluster.start()
+        fleet = Fleet(procs, directory, cluster.endpoints(), "/pgfence/quorum")
+        holder = fleet.start("A")
+        a = h.started(fleet.log, "A", timeout=30)
+        death = h.DeathWatch(a.pid)
+        contender = fleet.start("B")
+        time.sleep(TTL)
+
+        lost_at = h.boottime()
+        cluster.stop_member(1)
+        cluster.stop_member(2)
+        assert holder.wait(timeout=60) == 75, fleet.stderr("A")
+        died = death.wait(timeout=30)
+        assert died is not None
+        assert "no lease renewal succeeded" in fleet.stderr("A")
+        print(f"holder's child killed {died - lost_at:.2f} s after quorum loss (deadline 1.5 s)")
+
+        time.sleep(2 * TTL)  # no quorum, no lease expiry, no takeover: nothing may start
+        assert [e.name for e in fleet.starts()] == ["A"], fleet.stderr("B")
+        assert contender.poll() is None, fleet.stderr("B")
+
+        cluster.start_member(1, wait=False)
+        cluster.start_member(2, wait=False)
+        cluster.wait_healthy()
+        restarted = fleet.start("A2")
+        h.wait_for("one instance to start", lambda: len(fleet.starts()) >= 2, timeout=90)
+        time.sleep(2 * TTL)  # the other keeps waiting behind the live holder
+        after = [e for e in fleet.starts() if e.name != "A"]
+        assert len(after) == 1, after
+        assert after[0].generation > a.generation
+        assert contender.poll() is None and restarted.poll() is None
+    finally:
+        procs.cleanup()
+        cluster.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_pgfence_inside_the_command_recognises_its_supervisors_etcd_fence(
+    cluster: h.EtcdCluster, tmp_path: object
+) -> None:
+    """The outer pgfence is configured by flags only; the inner one (the `postgres` shim
+    under a wrapped entrypoint, say) only sees the environment the outer one gives it."""
+    key = f"/pgfence/{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FENCE_", "PGFENCE_"))}
+    inner = f"{PGFENCE} run -- sh -c 'echo inner-ran-with-generation $PGFENCE_GENERATION'"
+    done = pgfence_run(
+        "run",
+        "--backend",
+        "etcd",
+        "--etcd-endpoints",
+        cluster.endpoints(),
+        "--etcd-key",
+        key,
+        "--token",
+        "outer",
+        "--ttl",
+        "3",
+        "--",
+        "sh",
+        "-c",
+        inner,
+        env=env,
+        timeout=45,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "inner-ran-with-generation" in done.stdout
+    assert "nested" in done.stderr or "supervising this process" in done.stderr, done.stderr
