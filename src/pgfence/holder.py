@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pgfence import clock, log
 from pgfence.backends.base import Backend, Hold
@@ -56,12 +56,32 @@ def run(
     drain_grace: float,
     user: str | None = None,
     metrics: Metrics | None = None,
+    fence_env: Mapping[str, str] | None = None,
 ) -> int:
     metrics = metrics or Metrics("file", timings.mode, timings.deadline)
     hold = backend.acquire(interruptible_sleep)
     metrics.acquired(hold.generation, hold.acquired_clock)
+    if timings.deadline is not None and clock.now() - hold.acquired_clock > timings.deadline:
+        # Paused (or stalled on storage) after the acquiring write started: as after any
+        # pause past the deadline, the lease may be someone else's by now. Never start
+        # the command on it, and leave the lock as it is (a free lock could be taken
+        # while a holder we overwrote still runs its server).
+        metrics.fenced()
+        late = (
+            f"acquiring {backend.location()} took {clock.now() - hold.acquired_clock:.2f} s, "
+            f"longer than the deadline ({timings.deadline:.3g} s)"
+        )
+        log.event(
+            "self_fenced",
+            f"{late}: did not start {command[0]}; the lock is left as it is",
+            level="error",
+            reason=late,
+            kill_seconds=0.0,
+        )
+        return EXIT_SELF_FENCED
     env = {
         **os.environ,
+        **(fence_env or {}),
         **hold.child_environment(),
         GENERATION_ENV: str(hold.generation),
         INSTANCE_ENV: hold.instance,
