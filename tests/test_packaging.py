@@ -135,7 +135,12 @@ def imported_stdlib() -> set[str]:
     """Every standard library module pgfence imports (dotted, as imported), builtins aside."""
     found: set[str] = set()
     for path in (ROOT / "src" / "pgfence").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # Imports under `if TYPE_CHECKING:` are for type checkers and never run.
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+                node.body = []
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

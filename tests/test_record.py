@@ -3,7 +3,6 @@ token first, and parsing refuses anything pgfence did not write (fail closed).""
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import pytest
 
@@ -34,7 +33,7 @@ RECORD = LockRecord(
     acquired_at="2026-11-27T12:41:39Z",
     heartbeat_at="2026-11-27T12:45:33Z",
 )
-LEASE = replace(RECORD, mode="lease", interval=5.0, ttl=30.0, lock_delay=7.5)
+LEASE = RECORD.replace(mode="lease", interval=5.0, ttl=30.0, lock_delay=7.5)
 
 
 def encoded_lines(record: LockRecord = RECORD) -> list[str]:
@@ -240,4 +239,4 @@ def test_instance_ids_are_random_hex() -> None:
     for instance in ids:
         assert len(instance) == 16
         int(instance, 16)
-        parse(replace(RECORD, instance=instance).encode(), "lock")
+        parse(RECORD.replace(instance=instance).encode(), "lock")

@@ -222,12 +222,11 @@ def _status(settings: Settings) -> int:
     holder = state.holder
     if settings.json:
         import json
-        from dataclasses import asdict
 
         described = None
         if holder is not None:
             kind = "legacy" if isinstance(holder, LegacyLock) else "pgfence"
-            described = {**asdict(holder), "format": kind}
+            described = {**holder.as_dict(), "format": kind}
         age = state.heartbeat_age
         print(
             json.dumps(

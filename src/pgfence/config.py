@@ -10,18 +10,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from pgfence.errors import UsageError
 from pgfence.record import token_problem
+from pgfence.struct import Struct
 from pgfence.timings import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_TTL, MIN_TTL, Timings
 
 DEFAULT_LOCK_FILE = "/var/lib/postgresql/data/fence_lock"
 DEFAULT_DRAIN_GRACE = 10.0
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(Struct):
     flag: str
     dest: str
     env: str | None
@@ -210,8 +209,7 @@ COMMAND_OPTIONS: dict[str, tuple[Option, ...]] = {
 }
 
 
-@dataclass(frozen=True)
-class EtcdSettings:
+class EtcdSettings(Struct):
     """Raw etcd options; the etcd backend checks them (only when it is chosen)."""
 
     endpoints: str | None
@@ -224,8 +222,7 @@ class EtcdSettings:
     allow_insecure: bool
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(Struct):
     token: str
     backend: str  # "file" or "etcd"
     lock_file: str

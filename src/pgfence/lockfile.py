@@ -22,26 +22,27 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
-from typing import Callable
 
 from pgfence.errors import StorageError, storage_error
 from pgfence.record import MAX_LOCK_BYTES
+from pgfence.struct import Struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-@dataclass(frozen=True)
-class Snapshot:
+class Snapshot(Struct):
     """The lock file's bytes as read once. Two snapshots are the same lock state only if
     their bytes are equal: every write creates a new inode with a new heartbeat."""
 
     data: bytes
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(Struct):
     """Result of a conditional write: `ok`, or what was found instead (None: no file),
     or `busy`: another process holds the claim for this very change."""
 

@@ -20,10 +20,9 @@ guessed at, and a newer format version is refused rather than half understood.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Callable, Union
 
 from pgfence.errors import LockFormatError
+from pgfence.struct import Struct
 
 MAGIC = "pgfence-lock 1"
 MAGIC_PREFIX = "pgfence-lock "
@@ -55,8 +54,7 @@ def new_instance_id() -> str:
     return os.urandom(8).hex()
 
 
-@dataclass(frozen=True)
-class LegacyLock:
+class LegacyLock(Struct):
     """A one-line lock written by the shell script: just a token, no heartbeat."""
 
     token: str
@@ -65,8 +63,7 @@ class LegacyLock:
         return f"token {self.token!r} (one-line lock without heartbeat)"
 
 
-@dataclass(frozen=True)
-class LockRecord:
+class LockRecord(Struct):
     """A lock written by pgfence."""
 
     token: str
@@ -95,7 +92,7 @@ class LockRecord:
         return (self.instance, self.generation, self.heartbeat)
 
     def next_beat(self, clock: float, wall: str) -> LockRecord:
-        return replace(self, heartbeat=self.heartbeat + 1, clock=clock, heartbeat_at=wall)
+        return self.replace(heartbeat=self.heartbeat + 1, clock=clock, heartbeat_at=wall)
 
     def silence_required(self) -> float:
         """How long a reader must see no heartbeat before calling this holder silent.
@@ -127,7 +124,12 @@ class LockRecord:
         return ("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")
 
 
-Holder = Union[LegacyLock, LockRecord]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Union
+
+    Holder = Union[LegacyLock, LockRecord]
 
 
 def _fmt(value: float) -> str:

@@ -70,6 +70,10 @@ class Supervisor:
     def remaining(self) -> list[int]:
         """Processes we must outlive: as PID 1 every process in the namespace, otherwise
         every descendant. Zombies are dead and do not count."""
+        if not (self.is_init and self._own_proc) and not _has_children():
+            # As a subreaper we adopt every orphaned descendant: with no child at all
+            # there is no descendant left, and no need to read all of /proc.
+            return []
         table = _process_table()
         me = os.getpid()
         if self.is_init and self._own_proc:
@@ -182,6 +186,15 @@ def _user_ids(user: str) -> tuple[int, int, list[int]]:
         raise CommandError(f"unknown user or group {user!r}", 64) from None
     groups = [g.gr_gid for g in grp.getgrall() if entry.pw_name in g.gr_mem]
     return entry.pw_uid, gid, sorted({gid, *groups})
+
+
+def _has_children() -> bool:
+    """True while we have any child process, running or not yet reaped."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
 
 def _process_table() -> dict[int, tuple[int, str]]:

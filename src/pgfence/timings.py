@@ -17,17 +17,15 @@ storage latency of its last write, and the difference in clock rates between hos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pgfence.record import LockRecord
+from pgfence.struct import Struct
 
 MIN_TTL = 2.0
 DEFAULT_TTL = 30.0
 DEFAULT_HEARTBEAT_INTERVAL = 2.0
 
 
-@dataclass(frozen=True)
-class Timings:
+class Timings(Struct):
     mode: str  # "strict" or "lease"
     interval: float  # seconds between renewals (start to start)
     ttl: float  # 0 in strict mode

@@ -7,20 +7,23 @@ they behave the same whether the fence is a file on a shared volume or a key in 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable
 
-from pgfence.record import Holder
+from pgfence.struct import Struct
 
-# Sleeps for the given seconds on the monotonic clock; raises Interrupted when a
-# termination signal arrives meanwhile, so waiting never makes pgfence unkillable.
-Sleep = Callable[[float], None]
-# Checked immediately before a renewal is written: False means "too late, do not write".
-Guard = Callable[[], bool]
+TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see struct.py)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pgfence.record import Holder
+
+    # Sleeps for the given seconds on the monotonic clock; raises Interrupted when a
+    # termination signal arrives meanwhile, so waiting never makes pgfence unkillable.
+    Sleep = Callable[[float], None]
+    # Checked immediately before a renewal is written: False: "too late, do not write".
+    Guard = Callable[[], bool]
 
 
-@dataclass(frozen=True)
-class LockState:
+class LockState(Struct):
     """What `status` and `check` report."""
 
     location: str  # lock file path or etcd key

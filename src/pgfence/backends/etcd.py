@@ -40,11 +40,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 from pgfence import clock, log
-from pgfence.backends.base import Backend, LockState, Sleep
+from pgfence.backends.base import Backend, LockState
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
 from pgfence.backends.etcd_config import open_client
 from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
@@ -53,6 +52,7 @@ from pgfence.record import LockRecord
 from pgfence.timings import Timings
 
 if TYPE_CHECKING:
+    from pgfence.backends.base import Sleep
     from pgfence.config import Settings
 
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
@@ -177,7 +177,7 @@ class EtcdBackend(Backend):
         if not ok or found is None or found.lease != lease:
             self._fence.revoke_quietly(lease)
             return found
-        record = replace(record, generation=found.create_revision)
+        record = record.replace(generation=found.create_revision)
         hold = EtcdHold(self._fence, record, value, lease, granted, started)
         hold.write_generation()
         if clock.now() - started >= self.deadline:

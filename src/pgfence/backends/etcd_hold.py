@@ -10,15 +10,18 @@ keep-alives may still be answered for an election timeout).
 from __future__ import annotations
 
 import threading
-from dataclasses import replace
 
 from pgfence import clock
-from pgfence.backends.base import Guard, Hold
+from pgfence.backends.base import Hold
 from pgfence.backends.etcd_client import EtcdClient, GuardRefused, Json, KeyValue, b64, first_kv
 from pgfence.backends.etcd_config import request_timeouts
 from pgfence.errors import LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LegacyLock, LockRecord, parse
 from pgfence.timings import Timings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pgfence.backends.base import Guard
 
 # -- parts of the transactions on the key ---------------------------------------------------
 
@@ -86,7 +89,7 @@ class FenceKey:
                 f"{where} holds {holder.describe()} without a lease, which pgfence never "
                 f"writes (it would never expire); {hint}"
             )
-        return replace(holder, generation=kv.create_revision)
+        return holder.replace(generation=kv.create_revision)
 
     def own_record(
         self, kv: KeyValue | None, instance: str, lease: int, generation: int

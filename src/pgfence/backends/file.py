@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Callable
 
 from pgfence import clock, log
-from pgfence.backends.base import Backend, Guard, Hold, LockState, Sleep
+from pgfence.backends.base import Backend, Hold, LockState
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
 from pgfence.lockfile import LockFile, Snapshot
-from pgfence.record import Holder, LegacyLock, LockRecord, parse
+from pgfence.record import LegacyLock, LockRecord, parse
 from pgfence.timings import MIN_TTL, Timings
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pgfence.backends.base import Guard, Sleep
+    from pgfence.record import Holder
 
 GENERATION_SIDECAR = "generation"
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
