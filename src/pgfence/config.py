@@ -245,20 +245,32 @@ def parse_args(command: str, args: Sequence[str]) -> tuple[dict[str, str | bool]
     Parsing stops at `--` or at the first positional argument, so that a supervised
     command's own options are never mistaken for ours.
     """
-    options = COMMAND_OPTIONS[command]
+    return parse_options(COMMAND_OPTIONS[command], args, command)
+
+
+def parse_options(
+    options: Sequence[Option], args: Sequence[str], command: str, interleaved: bool = False
+) -> tuple[dict[str, str | bool], list[str]]:
+    """Parse `options` out of `args`; with `interleaved`, positional arguments may stand
+    anywhere (not only after the options) and are all returned, in order."""
     by_flag: dict[str, tuple[Option, bool]] = {}
     for option in options:
         by_flag[option.flag] = (option, True)
         if option.negative:
             by_flag[option.negative] = (option, False)
     values: dict[str, str | bool] = {}
+    positional: list[str] = []
     i = 0
     while i < len(args):
         arg = args[i]
         if arg == "--":
-            return values, list(args[i + 1 :])
+            return values, positional + list(args[i + 1 :])
         if not arg.startswith("-") or arg == "-":
-            return values, list(args[i:])
+            if not interleaved:
+                return values, list(args[i:])
+            positional.append(arg)
+            i += 1
+            continue
         flag, has_inline, inline = arg.partition("=")
         if flag not in by_flag:
             raise UsageError(
@@ -277,7 +289,7 @@ def parse_args(command: str, args: Sequence[str]) -> tuple[dict[str, str | bool]
         else:
             raise UsageError(f"option {flag} needs a value ({option.metavar})")
         i += 1
-    return values, []
+    return values, positional
 
 
 def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, str]) -> Settings:

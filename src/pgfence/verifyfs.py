@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Callable
 
 from pgfence import clock, log
-from pgfence.config import Option
+from pgfence.config import Option, parse_options
 from pgfence.errors import StorageError, UsageError, storage_error
 from pgfence.fsprobe import Files, Findings, Hammer, Prober
 from pgfence.fsverdict import EXIT_CODES, INCONCLUSIVE, judge, render
@@ -97,31 +97,7 @@ def main(args: Sequence[str], emit: Callable[[str], None] | None = None) -> int:
 
 
 def _parse(args: Sequence[str]) -> tuple[dict[str, Any], str]:
-    by_flag = {o.flag: o for o in OPTIONS}
-    values: dict[str, str | bool] = {}
-    positional: list[str] = []
-    i = 0
-    while i < len(args):
-        flag, has_inline, inline = args[i].partition("=")
-        if flag.startswith("-") and not flag.startswith("--") and flag != "-":
-            raise UsageError(f"unknown option {flag!r} for `pgfence verify-fs`; see --help")
-        if not flag.startswith("--") or flag == "--":
-            positional.extend(args[i + 1 :] if flag == "--" else [args[i]])
-            i = len(args) if flag == "--" else i + 1
-            continue
-        option = by_flag.get(flag)
-        if option is None:
-            raise UsageError(f"unknown option {flag!r} for `pgfence verify-fs`; see --help")
-        if option.metavar is None:
-            values[option.dest] = True
-        elif has_inline:
-            values[option.dest] = inline
-        elif i + 1 < len(args):
-            i += 1
-            values[option.dest] = args[i]
-        else:
-            raise UsageError(f"option {flag} needs a value ({option.metavar})")
-        i += 1
+    values, positional = parse_options(OPTIONS, args, "verify-fs", interleaved=True)
     if len(positional) != 1:
         raise UsageError(f"`pgfence verify-fs` needs exactly one directory; {USAGE}")
 

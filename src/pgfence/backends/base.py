@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from pgfence import log
 from pgfence.struct import Struct
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see struct.py)
@@ -81,3 +82,17 @@ class Backend(ABC):
     @abstractmethod
     def held_by_instance(self, instance: str) -> bool:
         """True if the fence is held right now by this token and pgfence instance."""
+
+
+def report_removed(where: str, holder: Holder | None, first_line: str, force: bool) -> str:
+    """Log what an operator release removed (a warning: it is never routine) and say it."""
+    what = holder.describe() if holder else f"unreadable content (first line {first_line!r})"
+    log.event(
+        "removed",
+        f"removed {where}, which held {what}",
+        level="warning",
+        lock=where,
+        forced=force,
+        first_line=first_line,
+    )
+    return f"released {where} (it held {what})"

@@ -43,7 +43,7 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from pgfence import clock, log
-from pgfence.backends.base import Backend, LockState
+from pgfence.backends.base import Backend, LockState, report_removed
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
 from pgfence.backends.etcd_config import open_client
 from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
@@ -304,16 +304,7 @@ class EtcdBackend(Backend):
             )
         if kv.lease:
             self._fence.revoke_quietly(kv.lease)  # its holder's next keep-alive then fails at once
-        what = holder.describe() if holder else f"unreadable content (first line {first_line!r})"
-        log.event(
-            "removed",
-            f"removed {where}, which held {what}",
-            level="warning",
-            lock=where,
-            forced=force,
-            first_line=first_line,
-        )
-        return f"released {where} (it held {what})"
+        return report_removed(where, holder, first_line, force)
 
     def held_by_instance(self, instance: str) -> bool:
         kv = self._fence.read()

@@ -24,7 +24,7 @@ import os
 import threading
 
 from pgfence import clock, log
-from pgfence.backends.base import Backend, Hold, LockState
+from pgfence.backends.base import Backend, Hold, LockState, report_removed
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
 from pgfence.lockfile import LockFile, Snapshot
 from pgfence.record import LegacyLock, LockRecord, parse
@@ -340,16 +340,7 @@ class FileBackend(Backend):
                 f"not released: {where} changed while it was being released "
                 f"(it now {now}); look again with `pgfence status`"
             )
-        what = holder.describe() if holder else f"unreadable content (first line {first_line!r})"
-        log.event(
-            "removed",
-            f"removed {where}, which held {what}",
-            level="warning",
-            lock=where,
-            forced=force,
-            first_line=first_line,
-        )
-        return f"released {where} (it held {what})"
+        return report_removed(where, holder, first_line, force)
 
     def held_by_instance(self, instance: str) -> bool:
         snapshot = self._lockfile.read()
