@@ -51,6 +51,10 @@ class Outcome(Struct):
     busy: bool = False
 
 
+class NotDurable(StorageError):
+    """The new content is in place (readers see it) but the directory fsync failed."""
+
+
 class LockFile:
     def __init__(self, path: str, instance: str) -> None:
         self.path = os.path.abspath(path)
@@ -137,7 +141,10 @@ class LockFile:
                 return Outcome(False, current)
             self._rename(temp, self.path)
             temp = ""
-            self._sync_directory()
+            try:
+                self._sync_directory()
+            except StorageError as exc:
+                raise NotDurable(exc.message) from None
             return Outcome(True)
         finally:
             if temp:

@@ -26,7 +26,7 @@ import threading
 from pgfence import clock, log
 from pgfence.backends.base import Backend, Hold, LockState, report_removed
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
-from pgfence.lockfile import LockFile, Snapshot
+from pgfence.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.record import LegacyLock, LockRecord, parse
 from pgfence.timings import MIN_TTL, Timings
 
@@ -54,7 +54,13 @@ class FileHold(Hold):
     def renew(self, guard: Guard) -> bool:
         with self._mutex:
             record = self._record.next_beat(clock.now(), clock.wall_iso())
-            outcome = self._lockfile.renew(self._written, record.encode(), guard)
+            try:
+                outcome = self._lockfile.renew(self._written, record.encode(), guard)
+            except NotDurable:
+                # The heartbeat is in place, so compare against it next time; but it may
+                # not survive a storage crash, so this renewal does not count as one.
+                self._record, self._written = record, Snapshot(record.encode())
+                raise
             if outcome.ok:
                 self._record, self._written = record, Snapshot(record.encode())
                 return True
