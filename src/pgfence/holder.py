@@ -107,7 +107,10 @@ def run(
     while True:
         timeout = 0.1 if draining_since is not None else 1.0
         if timings.deadline is not None:
-            timeout = min(timeout, renewer.last_success + timings.deadline - clock.now())
+            # sigtimedwait's timeout runs on CLOCK_MONOTONIC, which stands still while the
+            # machine is suspended: wake often, so that after a resume the deadline check
+            # (on CLOCK_BOOTTIME) comes within 0.1 s, not within the rest of a long wait.
+            timeout = min(0.1, renewer.last_success + timings.deadline - clock.now())
         signum = next_signal(timeout)
 
         # The fence first: after a pause of any length this is the first thing we do.
