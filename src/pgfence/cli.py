@@ -215,10 +215,16 @@ def _shim(argv: list[str]) -> int:
     return _run(settings, [real, *args])
 
 
-def _status(settings: Settings) -> int:
-    from pgfence.holder import interruptible_sleep
+def _operator_sleep(seconds: float) -> None:
+    """Waiting in status, release and check: they hold nothing, so a signal may simply
+    end them with its default action; no need for run's signal machinery (start-up)."""
+    import time
 
-    state = _backend(settings).state(settings.observe, interruptible_sleep)
+    time.sleep(seconds)
+
+
+def _status(settings: Settings) -> int:
+    state = _backend(settings).state(settings.observe, _operator_sleep)
     holder = state.holder
     if settings.json:
         import json
@@ -275,21 +281,17 @@ def _liveness(state: LockState) -> str:
 
 
 def _release(settings: Settings) -> int:
-    from pgfence.holder import interruptible_sleep
-
-    print(_backend(settings).release(settings.force, interruptible_sleep))
+    print(_backend(settings).release(settings.force, _operator_sleep))
     return EXIT_OK
 
 
 def _check(args: Sequence[str]) -> int:
     """Health check: only 0 or 1, because Docker and Kubernetes give other codes meaning."""
-    from pgfence.holder import interruptible_sleep
-
     try:
         settings, rest = _settings("check", args)
         if rest:
             raise UsageError(f"`pgfence check` takes no arguments, got {rest[0]!r}")
-        state = _backend(settings).state(None, interruptible_sleep)
+        state = _backend(settings).state(None, _operator_sleep)
     except PgfenceError as exc:
         _fail(exc)
         return EXIT_UNHEALTHY
