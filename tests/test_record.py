@@ -3,7 +3,6 @@ token first, and parsing refuses anything pgfence did not write (fail closed).""
 
 from __future__ import annotations
 
-
 import pytest
 
 from pgfence.errors import LockFormatError

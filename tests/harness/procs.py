@@ -42,6 +42,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), to tell it from a later reuse of its pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(b")") + 2 :].split()[19])
+
+
 def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
@@ -58,6 +68,7 @@ class Registry:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.extra_pids: list[int] = []
+        self._start_times: dict[int, int | None] = {}
 
     def start(self, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         kwargs.setdefault("start_new_session", True)
@@ -67,6 +78,7 @@ class Registry:
 
     def track(self, pid: int) -> None:
         self.extra_pids.append(pid)
+        self._start_times[pid] = start_time(pid)
 
     def cleanup(self) -> None:
         pids: list[int] = []
@@ -79,8 +91,10 @@ class Registry:
                 except OSError:
                     pass
         for pid in self.extra_pids:
-            pids.append(pid)
-            pids.extend(descendants(pid))
+            # Only if it is still the process we tracked: pids are reused.
+            if start_time(pid) == self._start_times.get(pid) is not None:
+                pids.append(pid)
+                pids.extend(descendants(pid))
         for pid in set(pids):
             try:
                 os.kill(pid, signal.SIGKILL)
