@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from pgfence import log
+from pgfence.errors import FencedOut
 from pgfence.struct import Struct
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see struct.py)
@@ -82,6 +83,32 @@ class Backend(ABC):
     @abstractmethod
     def held_by_instance(self, instance: str) -> bool:
         """True if the fence is held right now by this token and pgfence instance."""
+
+
+def first_line_of(data: bytes) -> str:
+    """The first line of lock content (its token, if pgfence wrote it), for messages."""
+    return data.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+
+
+def watch_progress(holder: Holder, needed: float) -> Callable[[float], None]:
+    """Progress lines for an operator release watching `holder`'s heartbeat."""
+
+    def progress(silent: float) -> None:
+        log.event(
+            "waiting",
+            f"watching {holder.describe()}: heartbeat silent {silent:.1f} s of {needed:g} s needed",
+            silent_seconds=round(silent, 1),
+            needed_seconds=needed,
+        )
+
+    return progress
+
+
+def refuse_live_holder(where: str, holder: Holder) -> FencedOut:
+    return FencedOut(
+        f"not released: {where} is held by {holder.describe()}, "
+        "whose heartbeat is moving (the holder is alive)"
+    )
 
 
 def report_removed(where: str, holder: Holder | None, first_line: str, force: bool) -> str:

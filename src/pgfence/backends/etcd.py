@@ -43,7 +43,14 @@ import os
 from typing import TYPE_CHECKING, Callable
 
 from pgfence import clock, log
-from pgfence.backends.base import Backend, LockState, report_removed
+from pgfence.backends.base import (
+    Backend,
+    LockState,
+    first_line_of,
+    refuse_live_holder,
+    report_removed,
+    watch_progress,
+)
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
 from pgfence.backends.etcd_config import open_client
 from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
@@ -265,26 +272,12 @@ class EtcdBackend(Backend):
             if not force:
                 raise
             holder = None
-        first_line = kv.value.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+        first_line = first_line_of(kv.value)
         if holder is not None and not force:
             needed = holder.silence_required()
-            record = holder
-
-            def progress(silent: float) -> None:
-                log.event(
-                    "waiting",
-                    f"watching {record.describe()}: heartbeat silent "
-                    f"{silent:.1f} s of {needed:g} s needed",
-                    silent_seconds=round(silent, 1),
-                    needed_seconds=needed,
-                )
-
-            outcome, _ = self._watch(kv, needed, sleep, progress)
+            outcome, _ = self._watch(kv, needed, sleep, watch_progress(holder, needed))
             if outcome == "moved":
-                raise FencedOut(
-                    f"not released: {where} is held by {holder.describe()}, "
-                    "whose heartbeat is moving (the holder is alive)"
-                )
+                raise refuse_live_holder(where, holder)
             if outcome == "gone":
                 return (
                     f"{where} disappeared while being watched (its holder released it or "

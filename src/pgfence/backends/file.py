@@ -24,7 +24,15 @@ import os
 import threading
 
 from pgfence import clock, log
-from pgfence.backends.base import Backend, Hold, LockState, report_removed
+from pgfence.backends.base import (
+    Backend,
+    Hold,
+    LockState,
+    first_line_of,
+    refuse_live_holder,
+    report_removed,
+    watch_progress,
+)
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
 from pgfence.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.record import LegacyLock, LockRecord, parse
@@ -310,7 +318,7 @@ class FileBackend(Backend):
             if not force:
                 raise
             holder = None
-        first_line = snapshot.data.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+        first_line = first_line_of(snapshot.data)
         if not force:
             assert holder is not None
             if isinstance(holder, LegacyLock):
@@ -320,22 +328,9 @@ class FileBackend(Backend):
                     "runs on this data directory, then use `pgfence release --force`"
                 )
             needed = holder.silence_required()
-
-            def progress(silent: float) -> None:
-                log.event(
-                    "waiting",
-                    f"watching {holder.describe()}: heartbeat silent "
-                    f"{silent:.1f} s of {needed:g} s needed",
-                    silent_seconds=round(silent, 1),
-                    needed_seconds=needed,
-                )
-
-            changed, _ = self._watch(snapshot, needed, sleep, progress)
+            changed, _ = self._watch(snapshot, needed, sleep, watch_progress(holder, needed))
             if changed:
-                raise FencedOut(
-                    f"not released: {where} is held by {holder.describe()}, "
-                    "whose heartbeat is moving (the holder is alive)"
-                )
+                raise refuse_live_holder(where, holder)
         # The first takeover claim of this state: a release and a takeover of the same
         # lock exclude each other, so a release can never delete a fresh takeover.
         claim = f"{holder.generation + 1 if isinstance(holder, LockRecord) else 1}-1"
