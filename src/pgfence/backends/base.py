@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from pgfence import log
+from pgfence import clock, log
 from pgfence.errors import FencedOut
 from pgfence.struct import Struct
 
@@ -88,6 +88,33 @@ class Backend(ABC):
 def first_line_of(data: bytes) -> str:
     """The first line of lock content (its token, if pgfence wrote it), for messages."""
     return data.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+
+
+def watch(
+    look: Callable[[], str | None],
+    limit: float,
+    poll: float,
+    sleep: Sleep,
+    progress: Callable[[float], None] | None,
+) -> tuple[str, float]:
+    """Poll `look()` for up to `limit` seconds, on our own clock, until it reports a change.
+
+    Returns what `look` reported (or "still") and the seconds watched; `progress` gets the
+    seconds watched every 2 s.
+    """
+    start = clock.now()
+    next_progress = start + 2.0
+    while True:
+        elapsed = clock.now() - start
+        seen = look()
+        if seen:
+            return seen, elapsed
+        if elapsed >= limit:
+            return "still", elapsed
+        if progress and clock.now() >= next_progress:
+            next_progress += 2.0
+            progress(elapsed)
+        sleep(min(poll, limit - elapsed))
 
 
 def watch_progress(holder: Holder, needed: float) -> Callable[[float], None]:

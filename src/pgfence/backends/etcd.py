@@ -49,6 +49,7 @@ from pgfence.backends.base import (
     first_line_of,
     refuse_live_holder,
     report_removed,
+    watch,
     watch_progress,
 )
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
@@ -314,21 +315,16 @@ class EtcdBackend(Backend):
         progress: Callable[[float], None] | None,
     ) -> tuple[str, float]:
         """Watch the key up to `limit` s: ("moved" | "gone" | "still", seconds watched)."""
-        start = clock.now()
-        next_progress = start + 2.0
-        while True:
-            elapsed = clock.now() - start
+
+        def look() -> str | None:
             current = self._fence.read()
             if current is None:
-                return "gone", elapsed
+                return "gone"
             if (current.create_revision, current.mod_revision) != (
                 kv.create_revision,
                 kv.mod_revision,
             ):
-                return "moved", elapsed
-            if elapsed >= limit:
-                return "still", elapsed
-            if progress and clock.now() >= next_progress:
-                next_progress += 2.0
-                progress(elapsed)
-            sleep(min(WATCH_POLL, limit - elapsed))
+                return "moved"
+            return None
+
+        return watch(look, limit, WATCH_POLL, sleep, progress)

@@ -31,6 +31,7 @@ from pgfence.backends.base import (
     first_line_of,
     refuse_live_holder,
     report_removed,
+    watch,
     watch_progress,
 )
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
@@ -362,19 +363,14 @@ class FileBackend(Backend):
         progress: Callable[[float], None] | None,
     ) -> tuple[bool, float]:
         """Watch the lock for up to `limit` seconds: (changed, seconds watched)."""
-        start = clock.now()
-        next_progress = start + 2.0
-        poll = 0.1
-        while True:
-            elapsed = clock.now() - start
-            if self._lockfile.read() != snapshot:
-                return True, elapsed
-            if elapsed >= limit:
-                return False, elapsed
-            if progress and clock.now() >= next_progress:
-                next_progress += 2.0
-                progress(elapsed)
-            sleep(min(poll, limit - elapsed))
+        outcome, watched = watch(
+            lambda: "moved" if self._lockfile.read() != snapshot else None,
+            limit,
+            0.1,
+            sleep,
+            progress,
+        )
+        return outcome == "moved", watched
 
 
 def _claim_limit(holder: Holder, needed: float) -> float:
