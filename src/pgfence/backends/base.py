@@ -6,11 +6,14 @@ they behave the same whether the fence is a file on a shared volume or a key in 
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 from pgfence import clock, log
 from pgfence.errors import FencedOut
+from pgfence.record import LockRecord
 from pgfence.struct import Struct
+from pgfence.timings import Timings
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see struct.py)
 if TYPE_CHECKING:
@@ -88,6 +91,54 @@ class Backend(ABC):
 def first_line_of(data: bytes) -> str:
     """The first line of lock content (its token, if pgfence wrote it), for messages."""
     return data.split(b"\n", 1)[0].decode("utf-8", "replace")[:80]
+
+
+def fresh_record(
+    token: str, instance: str, timings: Timings, generation: int, started: float
+) -> LockRecord:
+    """The record a new holder writes: heartbeat 0, stamped with when its write started."""
+    wall = clock.wall_iso()
+    return LockRecord(
+        token=token,
+        instance=instance,
+        mode=timings.mode,
+        generation=generation,
+        heartbeat=0,
+        interval=timings.interval,
+        ttl=timings.ttl,
+        lock_delay=timings.lock_delay,
+        pid=os.getpid(),
+        host=os.uname().nodename,
+        boot_id=clock.boot_id(),
+        clock=started,
+        acquired_at=wall,
+        heartbeat_at=wall,
+    )
+
+
+def judge_liveness(
+    where: str,
+    holder: LockRecord,
+    ours: bool,
+    observe: float | None,
+    watch_for: Callable[[float], tuple[str, float]],
+) -> LockState:
+    """Is `holder` alive? Exact on the same kernel boot (same monotonic clock), else by
+    watching its heartbeat for `observe` seconds (default: long enough to call it silent)."""
+    stale_after = 2 * holder.interval + 1.0
+    if holder.boot_id == clock.boot_id():
+        age = clock.now() - holder.clock
+        if age >= -1.0:
+            age = max(age, 0.0)
+            return LockState(where, holder, ours, age <= stale_after, age, "same-boot clock", 0.0)
+    limit = min(holder.silence_required(), stale_after) if observe is None else observe
+    outcome, watched = watch_for(limit)
+    if outcome == "gone":
+        return LockState(where, None, False, None, None, "none", watched)
+    if outcome == "moved":
+        return LockState(where, holder, ours, True, watched, "observed", watched)
+    alive = False if watched >= stale_after else None
+    return LockState(where, holder, ours, alive, watched, "observed", watched)
 
 
 def watch(

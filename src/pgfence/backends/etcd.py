@@ -39,7 +39,6 @@ not used: etcd reports it in whole seconds, which hides renewals of short TTLs.
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING, Callable
 
 from pgfence import clock, log
@@ -47,6 +46,8 @@ from pgfence.backends.base import (
     Backend,
     LockState,
     first_line_of,
+    fresh_record,
+    judge_liveness,
     refuse_live_holder,
     report_removed,
     watch,
@@ -210,23 +211,8 @@ class EtcdBackend(Backend):
         return hold
 
     def _new_record(self, started: float) -> LockRecord:
-        wall = clock.wall_iso()
-        return LockRecord(
-            token=self._token,
-            instance=self._instance,
-            mode="lease",
-            generation=0,  # the create revision, written right after the key exists
-            heartbeat=0,
-            interval=self._timings.interval,
-            ttl=self._timings.ttl,
-            lock_delay=self._timings.lock_delay,
-            pid=os.getpid(),
-            host=os.uname().nodename,
-            boot_id=clock.boot_id(),
-            clock=started,
-            acquired_at=wall,
-            heartbeat_at=wall,
-        )
+        # generation 0: the key's create revision is written right after the key exists
+        return fresh_record(self._token, self._instance, self._timings, 0, started)
 
     def _lease_left(self, kv: KeyValue) -> str:
         try:
@@ -244,22 +230,9 @@ class EtcdBackend(Backend):
             return LockState(where, None, False, None, None, "none", 0.0)
         holder = self._fence.holder_of(kv)
         ours = holder.token == self._token
-        stale_after = 2 * holder.interval + 1.0
-        if holder.boot_id == clock.boot_id():
-            age = clock.now() - holder.clock
-            if age >= -1.0:
-                age = max(age, 0.0)
-                return LockState(
-                    where, holder, ours, age <= stale_after, age, "same-boot clock", 0.0
-                )
-        limit = min(holder.silence_required(), stale_after) if observe is None else observe
-        outcome, watched = self._watch(kv, limit, sleep, None)
-        if outcome == "gone":
-            return LockState(where, None, False, None, None, "none", watched)
-        if outcome == "moved":
-            return LockState(where, holder, ours, True, watched, "observed", watched)
-        alive = False if watched >= stale_after else None
-        return LockState(where, holder, ours, alive, watched, "observed", watched)
+        return judge_liveness(
+            where, holder, ours, observe, lambda s: self._watch(kv, s, sleep, None)
+        )
 
     def release(self, force: bool, sleep: Sleep) -> str:
         where = self.location()

@@ -20,7 +20,6 @@ clock, never by timestamps or mtimes (NFS caches attributes, and hosts' clocks d
 
 from __future__ import annotations
 
-import os
 import threading
 
 from pgfence import clock, log
@@ -29,6 +28,8 @@ from pgfence.backends.base import (
     Hold,
     LockState,
     first_line_of,
+    fresh_record,
+    judge_liveness,
     refuse_live_holder,
     report_removed,
     watch,
@@ -264,23 +265,7 @@ class FileBackend(Backend):
         return last + 1
 
     def _new_record(self, generation: int) -> LockRecord:
-        wall = clock.wall_iso()
-        return LockRecord(
-            token=self._token,
-            instance=self._instance,
-            mode=self._timings.mode,
-            generation=generation,
-            heartbeat=0,
-            interval=self._timings.interval,
-            ttl=self._timings.ttl,
-            lock_delay=self._timings.lock_delay,
-            pid=os.getpid(),
-            host=os.uname().nodename,
-            boot_id=clock.boot_id(),
-            clock=clock.now(),
-            acquired_at=wall,
-            heartbeat_at=wall,
-        )
+        return fresh_record(self._token, self._instance, self._timings, generation, clock.now())
 
     # -- operator commands -----------------------------------------------------------
 
@@ -292,21 +277,9 @@ class FileBackend(Backend):
         ours = holder.token == self._token
         if isinstance(holder, LegacyLock):
             return LockState(self.location(), holder, ours, None, None, "none", 0.0)
-        stale_after = 2 * holder.interval + 1.0
-        if holder.boot_id == clock.boot_id():
-            # Same kernel, same monotonic clock: the age is exact, no need to watch.
-            age = clock.now() - holder.clock
-            if age >= -1.0:
-                age = max(age, 0.0)
-                return LockState(
-                    self.location(), holder, ours, age <= stale_after, age, "same-boot clock", 0.0
-                )
-        limit = min(holder.silence_required(), stale_after) if observe is None else observe
-        changed, watched = self._watch(snapshot, limit, sleep, None)
-        if changed:
-            return LockState(self.location(), holder, ours, True, watched, "observed", watched)
-        alive = False if watched >= stale_after else None
-        return LockState(self.location(), holder, ours, alive, watched, "observed", watched)
+        return judge_liveness(
+            self.location(), holder, ours, observe, lambda s: self._watch(snapshot, s, sleep, None)
+        )
 
     def release(self, force: bool, sleep: Sleep) -> str:
         where = self._lockfile.path
@@ -329,8 +302,8 @@ class FileBackend(Backend):
                     "runs on this data directory, then use `pgfence release --force`"
                 )
             needed = holder.silence_required()
-            changed, _ = self._watch(snapshot, needed, sleep, watch_progress(holder, needed))
-            if changed:
+            seen, _ = self._watch(snapshot, needed, sleep, watch_progress(holder, needed))
+            if seen == "moved":
                 raise refuse_live_holder(where, holder)
         # The first takeover claim of this state: a release and a takeover of the same
         # lock exclude each other, so a release can never delete a fresh takeover.
@@ -361,16 +334,15 @@ class FileBackend(Backend):
         limit: float,
         sleep: Sleep,
         progress: Callable[[float], None] | None,
-    ) -> tuple[bool, float]:
-        """Watch the lock for up to `limit` seconds: (changed, seconds watched)."""
-        outcome, watched = watch(
+    ) -> tuple[str, float]:
+        """Watch the lock for up to `limit` seconds: ("moved" | "still", seconds watched)."""
+        return watch(
             lambda: "moved" if self._lockfile.read() != snapshot else None,
             limit,
             0.1,
             sleep,
             progress,
         )
-        return outcome == "moved", watched
 
 
 def _claim_limit(holder: Holder, needed: float) -> float:
