@@ -33,7 +33,7 @@ def _header(results: Result) -> list[str]:
         "# pgfence benchmarks",
         "",
         f"Written by `scripts/bench` on {m.get('date', '?')}: {kind}, {minutes:.0f} min.",
-        "Re-run with `sudo scripts/bench` (full) or `sudo scripts/bench --quick`.",
+        "Re-run as root with `scripts/bench` (full) or `scripts/bench --quick`.",
         "",
         "> **These timings are noisy.** They come from a shared 2-core VM on which other",
         "> engineers ran test suites at the same time: load average "
