@@ -106,7 +106,8 @@ class EtcdBackend(Backend):
         beats = 0  # how often the watched holder's heartbeat moved
         previous = "free"
         vanished_at: float | None = None  # when a key we saw held disappeared
-        next_progress = clock.now() + PROGRESS_EVERY
+        next_progress = clock.now()  # say at once that, and why, we wait
+        timings = f" ({self._timings.describe()})"  # in the first message only
         while True:
             try:
                 kv = self._fence.read()
@@ -158,10 +159,11 @@ class EtcdBackend(Backend):
                     "waiting",
                     f"waiting for {self.location()}, held by {holder.describe()}: it is "
                     f"free when its holder releases it or its lease ({self._lease_left(kv)}) "
-                    "expires",
+                    f"expires{timings}",
                     holder=holder.token,
                     lease=f"{kv.lease:x}",
                 )
+                timings = ""
             sleep(self._timings.poll)
 
     def _create(self, previous: str) -> EtcdHold | KeyValue | None:

@@ -105,7 +105,8 @@ class FileBackend(Backend):
         changes = 0  # how often the lock changed while we watched: a live holder
         attempt = 1  # takeover attempt; moves on only past an abandoned claim
         claim_seen: tuple[str, bytes | None, float] | None = None
-        next_progress = clock.now() + PROGRESS_EVERY
+        next_progress = clock.now()  # say at once that, and why, we wait
+        first_wait = True
         while True:
             snapshot = self._lockfile.read()
             now = clock.now()
@@ -144,9 +145,12 @@ class FileBackend(Backend):
                     attempt += 1
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY
+                message = _waiting_message(holder, silent, needed)
+                if first_wait:
+                    message, first_wait = f"{message} ({self._timings.describe()})", False
                 log.event(
                     "waiting",
-                    _waiting_message(holder, silent, needed),
+                    message,
                     holder=holder.token,
                     silent_seconds=round(silent, 1),
                     needed_seconds=needed,
