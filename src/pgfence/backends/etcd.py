@@ -106,7 +106,9 @@ class EtcdBackend(Backend):
         beats = 0  # how often the watched holder's heartbeat moved
         previous = "free"
         vanished_at: float | None = None  # when a key we saw held disappeared
-        next_progress = clock.now()  # say at once that, and why, we wait
+        # A waiting contender says at once whom it waits for, and why; one that gives
+        # up at the first sign of a live holder (--no-wait) ends with one error line.
+        next_progress = clock.now() + (0.0 if self._wait else PROGRESS_EVERY)
         timings = f" ({self._timings.describe()})"  # in the first message only
         while True:
             try:

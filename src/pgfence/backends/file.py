@@ -105,7 +105,10 @@ class FileBackend(Backend):
         changes = 0  # how often the lock changed while we watched: a live holder
         attempt = 1  # takeover attempt; moves on only past an abandoned claim
         claim_seen: tuple[str, bytes | None, float] | None = None
-        next_progress = clock.now()  # say at once that, and why, we wait
+        # A contender that waits (lease mode) says at once whom it waits for, and why;
+        # a short observation that may end in one error line does not.
+        waits = self._timings.mode == "lease" and self._wait
+        next_progress = clock.now() + (0.0 if waits else PROGRESS_EVERY)
         first_wait = True
         while True:
             snapshot = self._lockfile.read()
