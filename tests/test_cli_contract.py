@@ -32,6 +32,7 @@ from harness.fence import (
     write_file,
 )
 from harness.procs import Registry, alive
+from harness.records import holder_elsewhere
 from pgfence.record import LockRecord, parse
 
 pytestmark = pytest.mark.timeout(60)
@@ -284,22 +285,7 @@ def test_status_shows_a_killed_holder_as_silent(lock: str, tmp_path: Path, procs
 def test_status_of_a_holder_on_another_boot_is_observed(lock: str) -> None:
     # A dead holder from another machine (another boot id): its age cannot be computed,
     # only observed. Watching less than the staleness limit cannot call it silent.
-    record = LockRecord(
-        token="db-2",
-        instance="00112233aabbccdd",
-        mode="strict",
-        generation=3,
-        heartbeat=9,
-        interval=0.2,
-        ttl=0.0,
-        lock_delay=0.0,
-        pid=12345,
-        host="elsewhere",
-        boot_id="another-boot",
-        clock=5.0,
-        acquired_at="2026-01-01T00:00:00Z",
-        heartbeat_at="2026-01-01T00:00:09Z",
-    )
+    record = holder_elsewhere(interval=0.2)
     write_file(lock, record.encode())
     short = status_json(lock, "db-1", "--observe", "0.3")
     assert short["age_basis"] == "observed"
@@ -381,22 +367,7 @@ def test_release_refuses_when_the_lock_changes_while_watched(
 ) -> None:
     # A dead holder on another machine, with a 2 s heartbeat: release watches it for
     # 3 * 2 + 1 s. The lock changes meanwhile (a holder that was only slow): refused.
-    holder_record = LockRecord(
-        token="db-2",
-        instance="00112233aabbccdd",
-        mode="strict",
-        generation=3,
-        heartbeat=9,
-        interval=2.0,
-        ttl=0.0,
-        lock_delay=0.0,
-        pid=12345,
-        host="elsewhere",
-        boot_id="another-boot",
-        clock=5.0,
-        acquired_at="2026-01-01T00:00:00Z",
-        heartbeat_at="2026-01-01T00:00:09Z",
-    )
+    holder_record = holder_elsewhere(interval=2.0)
     write_file(lock, holder_record.encode())
     err = str(tmp_path / "release.err")
     with open(err, "wb") as stream:

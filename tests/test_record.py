@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from harness.records import SAMPLE
 from pgfence.errors import LockFormatError
 from pgfence.record import (
     MAX_LOCK_BYTES,
@@ -16,22 +17,7 @@ from pgfence.record import (
     token_problem,
 )
 
-RECORD = LockRecord(
-    token="db-1",
-    instance="5f0c3a9e7b1d2468",
-    mode="strict",
-    generation=4,
-    heartbeat=117,
-    interval=2.0,
-    ttl=0.0,
-    lock_delay=0.0,
-    pid=4242,
-    host="vm-7",
-    boot_id="d7938180-9a0a-43d2-a36a-b74dde36b7c4",
-    clock=1031.252,
-    acquired_at="2026-11-27T12:41:39Z",
-    heartbeat_at="2026-11-27T12:45:33Z",
-)
+RECORD = SAMPLE
 LEASE = RECORD.replace(mode="lease", interval=5.0, ttl=30.0, lock_delay=7.5)
 
 

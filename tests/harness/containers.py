@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from harness import pg
+from harness.fence import lock_fields as read_lock  # noqa: F401 (re-exported)
 from harness.procs import Registry
 from harness.sandbox import Sandbox
 
@@ -88,22 +89,6 @@ def container_env(path_front: Sequence[str] = (), **variables: str) -> dict[str,
 def server_args(datadir: str, port: int, socket_dir: str) -> list[str]:
     """`postgres ARGS` as an image's CMD names it: found on PATH (the shim, if present)."""
     return ["postgres", *pg.server_argv(datadir, port, socket_dir)[1:]]
-
-
-def read_lock(path: str) -> dict[str, str] | None:
-    """The lock file as text fields: `token` (its first line) and each `key=value` line
-    pgfence writes below it; None when there is no lock file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return None
-    fields = {"token": lines[0] if lines else ""}
-    for line in lines[1:]:
-        key, sep, value = line.partition("=")
-        if sep:
-            fields[key] = value
-    return fields
 
 
 def sandbox_pid_uid(pid: int) -> int:

@@ -87,8 +87,9 @@ def lock_fields(path: str) -> dict[str, str] | None:
         return None
     fields = {"token": lines[0] if lines else ""}
     for line in lines[1:]:
-        key, _, value = line.partition("=")
-        fields[key] = value
+        key, sep, value = line.partition("=")
+        if sep:  # the `pgfence-lock 1` header line has none
+            fields[key] = value
     return fields
 
 
