@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pgfence import verifyfs
 
         return _guard(lambda: verifyfs.main(args[1:], print))
-    if any(a in ("-h", "--help") for a in _own_args(command, args[1:])):
+    if _asks_for_help(command, args[1:]):
         tail = " -- COMMAND [ARG...]" if command == "run" else ""
         print(f"usage: pgfence {command} [OPTIONS]{tail}")
         print(help_text(command))
@@ -70,17 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guard(lambda: _dispatch(command, args[1:]))
 
 
-def _own_args(command: str, args: Sequence[str]) -> Sequence[str]:
-    """The arguments that are pgfence's: up to `--` or the first positional argument, as
-    `parse_args` reads them (`pgfence run postgres -h '*'` must not print our help)."""
-    takes_value = {o.flag for o in COMMAND_OPTIONS[command] if o.metavar}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--" or not arg.startswith("-") or arg == "-":
-            return args[:i]
-        i += 2 if arg in takes_value else 1
-    return args
+def _asks_for_help(command: str, args: Sequence[str]) -> bool:
+    """`-h`/`--help` among pgfence's own options, read exactly as they are parsed (so
+    `pgfence run postgres -h '*'` is postgres's -h, not ours). A bad option is not a
+    request for help: the command reports it."""
+    try:
+        return bool(parse_args(command, args)[0].get("help"))
+    except UsageError:
+        return False
 
 
 def _settings(command: str, args: Sequence[str]) -> tuple[Settings, list[str]]:

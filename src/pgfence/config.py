@@ -265,6 +265,10 @@ def parse_options(
         arg = args[i]
         if arg == "--":
             return values, positional + list(args[i + 1 :])
+        if arg in ("-h", "--help"):
+            values["help"] = True
+            i += 1
+            continue
         if not arg.startswith("-") or arg == "-":
             if not interleaved:
                 return values, list(args[i:])

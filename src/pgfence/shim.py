@@ -59,7 +59,7 @@ def real_postgres(self_path: str, env: Mapping[str, str]) -> str:
             raise CommandError(
                 f"FENCE_POSTGRES_BIN={configured!r} is not an executable file", EXIT_NOT_FOUND
             )
-        if os.path.realpath(configured) == me or _is_pgfence(configured):
+        if _is_this_program(configured, me):
             # Running it would exec this shim again, forever (holding the lock).
             raise CommandError(
                 f"FENCE_POSTGRES_BIN={configured!r} is pgfence itself, not the real postgres",
@@ -70,7 +70,7 @@ def real_postgres(self_path: str, env: Mapping[str, str]) -> str:
         candidate = os.path.join(directory or ".", "postgres")
         if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
             continue
-        if os.path.realpath(candidate) == me or _is_pgfence(candidate):
+        if _is_this_program(candidate, me):
             continue
         return os.path.abspath(candidate)
     raise CommandError(
@@ -78,6 +78,11 @@ def real_postgres(self_path: str, env: Mapping[str, str]) -> str:
         "(e.g. /usr/lib/postgresql/16/bin/postgres)",
         EXIT_NOT_FOUND,
     )
+
+
+def _is_this_program(path: str, me: str) -> bool:
+    """`path` would run pgfence again: this very file (`me`, resolved) or a copy of it."""
+    return os.path.realpath(path) == me or _is_pgfence(path)
 
 
 def _is_pgfence(path: str) -> bool:
