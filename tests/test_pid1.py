@@ -199,3 +199,35 @@ def test_killed_container_leaves_its_lock(procs: Registry, tmp_path: Path) -> No
     container = Container(procs, tmp_path, ["sleep", "600"])
     container.box.kill()
     assert first_line(container.lock) == "c1"
+
+
+@pytest.mark.parametrize("mode", ["strict", "lease"])
+def test_signal_burst_with_metrics_as_pid_1(procs: Registry, tmp_path: Path, mode: str) -> None:
+    """As PID 1 of a PID namespace, with the metrics and renewer threads running: a burst
+    of thousands of SIGUSR1/SIGUSR2/SIGHUP neither kills pgfence nor reaches a thread that
+    does not block them; SIGINT then ends in the command's status and a released lock."""
+    from harness.pg import free_port
+    from test_signals import handled_mask, signal_burst, threads_blocking
+
+    out = str(tmp_path / "signals")
+    extra = ("--mode", "lease", "--ttl", "2") if mode == "lease" else ()
+    container = Container(
+        procs,
+        tmp_path,
+        recorder(out, "--exit-on", "SIGINT", "--exit-code", "6"),
+        *extra,
+        "--metrics-address",
+        f"127.0.0.1:{free_port()}",
+    )
+    ready_pid(out)
+    masks = threads_blocking(container.init)
+    assert len(masks) >= 2, masks
+    sent = signal_burst(container.init, 6000, lambda: container.box.returncode() is None)
+    assert container.box.returncode() is None, f"died after {sent} signals: {container.stderr}"
+    for name, mask in masks.items():
+        assert mask & handled_mask() == handled_mask(), f"thread {name} blocks {mask:x}"
+    container.signal(signal.SIGINT)
+    assert container.box.wait(timeout=30) == 6, container.stderr
+    assert "Traceback" not in container.stderr
+    assert "SIGINT" in signals(out)
+    assert not os.path.exists(container.lock)

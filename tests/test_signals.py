@@ -11,6 +11,7 @@ import pwd
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from harness.fence import (
     read_text,
     wait_for,
 )
+from harness.pg import free_port
 from harness.procs import Registry, alive
 
 pytestmark = pytest.mark.timeout(60)
@@ -269,3 +271,73 @@ def test_command_dies_with_pgfence(
     wait_for(lambda: not alive(child), "the command to die with pgfence (parent-death signal)")
     assert first_line(run.lock) == "db-1"  # a killed holder leaves its lock
     assert recorder.signals() == []  # SIGKILL, which it cannot record
+
+
+# -- a burst of signals with every thread running ---------------------------------------------
+
+BURST = ("SIGUSR1", "SIGUSR2", "SIGHUP")
+MODES = {"strict": FAST, "lease": ("--mode", "lease", "--ttl", "2")}
+
+
+def signal_burst(pid: int, count: int, keep_going: Callable[[], bool]) -> int:
+    """Send `count` SIGUSR1/SIGUSR2/SIGHUP in turn to `pid`, as fast as possible, while
+    `keep_going()`; returns how many were sent."""
+    sent = 0
+    for sent in range(count):
+        if sent % 100 == 0 and not keep_going():
+            break
+        os.kill(pid, getattr(signal, BURST[sent % len(BURST)]))
+    return sent
+
+
+def threads_blocking(pid: int) -> dict[str, int]:
+    """name -> blocked-signal mask of every thread of `pid` but the main one (from
+    /proc). The main thread waits in sigtimedwait(2), which unblocks what it waits for
+    while it sleeps, so its SigBlk reads 0 then; it is the thread meant to take them."""
+    masks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        if tid == str(pid):
+            continue
+        name = read_text(f"/proc/{pid}/task/{tid}/comm").strip()
+        status = read_text(f"/proc/{pid}/task/{tid}/status")
+        blocked = next(x for x in status.splitlines() if x.startswith("SigBlk:"))
+        masks[f"{name}/{tid}"] = int(blocked.split()[1], 16)
+    return masks
+
+
+def handled_mask() -> int:
+    names = (*FORWARDED, "SIGCHLD")
+    return sum(1 << (getattr(signal, name) - 1) for name in names)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_signal_burst_with_metrics_on_then_sigint_releases(
+    procs: Registry, tmp_path: Path, mode: str
+) -> None:
+    """Thousands of forwarded signals while the metrics and renewer threads run: every
+    thread blocks them (none can take a signal's default action, nor turn SIGINT into a
+    KeyboardInterrupt); pgfence survives, and a final SIGINT ends in the command's own
+    status and a released lock."""
+    recorder = Recorder(str(tmp_path / "signals"))
+    port = free_port()
+    run = Run(
+        procs,
+        str(tmp_path),
+        recorder.command("--exit-on", "SIGINT", "--exit-code", "5"),
+        *(MODES[mode] if mode == "lease" else ()),
+        "--metrics-address",
+        f"127.0.0.1:{port}",
+    )
+    recorder.ready()
+    masks = threads_blocking(run.proc.pid)
+    assert len(masks) >= 2, masks  # renewer, metrics
+    sent = signal_burst(run.proc.pid, 6000, lambda: run.proc.poll() is None)
+    assert run.proc.poll() is None, f"pgfence died after {sent} signals: {run.stderr}"
+    for name, mask in masks.items():
+        assert mask & handled_mask() == handled_mask(), f"thread {name} blocks {mask:x}"
+    run.wait_beat()
+    run.signal("SIGINT")
+    assert run.wait() == 5, run.stderr
+    assert "Traceback" not in run.stderr
+    assert "SIGINT" in recorder.signals()
+    assert not os.path.exists(run.lock)

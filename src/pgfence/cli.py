@@ -36,8 +36,12 @@ otherwise the command's own status (128+N when killed by signal N)."""
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    from pgfence import shim
+    from pgfence import shim, signals
 
+    if (argv and shim.is_shim(argv[0])) or argv[1:2] == ["run"]:
+        # First act, as tini's: no thread exists yet, so every thread started later
+        # inherits the blocked mask (see signals.py). Exec in place restores it.
+        signals.block()
     if argv and shim.is_shim(argv[0]):
         return _guard(lambda: _shim(argv))
     args = argv[1:]
@@ -154,7 +158,6 @@ def _run(settings: Settings, command: list[str]) -> int:
     metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
-    supervisor.block_signals()
     return holder.run(
         backend,
         settings.timings,
@@ -194,6 +197,9 @@ def fence_environment(settings: Settings) -> dict[str, str]:
 
 
 def _exec(command: list[str]) -> int:
+    from pgfence import signals
+
+    signals.restore()  # the command must not inherit our blocked signals
     try:
         os.execvp(command[0], command)
     except OSError as exc:
@@ -207,6 +213,9 @@ def _shim(argv: list[str]) -> int:
     real = shim.real_postgres(argv[0], os.environ)
     args = argv[1:]
     if not shim.starts_server(args):
+        from pgfence import signals
+
+        signals.restore()
         os.execv(real, [real, *args])
     settings, _ = _settings("run", [])
     return _run(settings, [real, *args])

@@ -22,11 +22,12 @@ import signal
 import threading
 from collections.abc import Mapping, Sequence
 
-from pgfence import clock, log
+from pgfence import clock, log, signals
 from pgfence.backends.base import Backend, Hold
 from pgfence.errors import EXIT_SELF_FENCED, CommandError, Interrupted, LockLost, StorageError
 from pgfence.metrics import Metrics
-from pgfence.supervisor import FORWARDED, Supervisor, next_signal
+from pgfence.signals import FORWARDED, next_signal
+from pgfence.supervisor import Supervisor
 from pgfence.timings import Timings
 
 # What the supervised command learns about the fence it runs under. A pgfence started
@@ -58,6 +59,8 @@ def run(
     metrics: Metrics | None = None,
     fence_env: Mapping[str, str] | None = None,
 ) -> int:
+    if not signals.all_blocked():
+        raise RuntimeError("holder.run needs the handled signals blocked (signals.block)")
     metrics = metrics or Metrics("file", timings.mode, timings.deadline)
     hold = backend.acquire(interruptible_sleep)
     metrics.acquired(hold.generation, hold.acquired_clock)
@@ -94,7 +97,7 @@ def run(
         metrics.released()
         raise
     renewer = Renewer(hold, timings, metrics)
-    renewer.start()
+    signals.start_thread(renewer)
     log.event(
         "started",
         f"started {command[0]} (pid {supervisor.pid}) holding generation {hold.generation}",

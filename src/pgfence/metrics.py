@@ -138,4 +138,7 @@ def serve(address: str, metrics: Metrics) -> None:
     except OSError as exc:
         raise UsageError(f"cannot serve metrics on {address}: {exc.strerror}") from None
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="pgfence-metrics", daemon=True).start()
+    from pgfence import signals
+
+    thread = threading.Thread(target=server.serve_forever, name="pgfence-metrics", daemon=True)
+    signals.start_thread(thread)

@@ -15,27 +15,7 @@ import signal
 
 from pgfence import linux
 from pgfence.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, CommandError
-
-FORWARDED = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-HANDLED = (*FORWARDED, signal.SIGCHLD)
-
-
-def block_signals() -> None:
-    """Queue the signals we handle instead of acting on them (inherited by threads)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-
-
-def next_signal(timeout: float) -> int | None:
-    """The next handled signal, or None after `timeout` seconds."""
-    info = signal.sigtimedwait(HANDLED, max(0.0, timeout))
-    return None if info is None else info.si_signo
+from pgfence.signals import FORWARDED
 
 
 class Supervisor:
