@@ -132,6 +132,7 @@ def _backend(settings: Settings) -> Backend:
 def _run(settings: Settings, command: list[str]) -> int:
     from pgfence import holder, supervisor
     from pgfence.datadir import check_same_filesystem, data_directory
+    from pgfence.flush import filesystems
     from pgfence.metrics import Metrics, serve
 
     backend = _backend(settings)
@@ -155,6 +156,11 @@ def _run(settings: Settings, command: list[str]) -> int:
     if settings.user:
         supervisor.check_user(settings.user)
     supervisor.check_command(command[0], dict(os.environ))
+    watchdog = _watchdog_plan(settings)
+    # What to flush once the command's tree is gone: the data directory's filesystem and
+    # the lock's; all filesystems (sync) when the data directory is not known.
+    lock_dir = [os.path.dirname(settings.lock_file)] if settings.backend == "file" else []
+    flush_dirs = filesystems([data_dir, *lock_dir]) if data_dir else []
     metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
@@ -166,7 +172,31 @@ def _run(settings: Settings, command: list[str]) -> int:
         settings.user,
         metrics,
         fence_environment(settings),
+        flush_dirs,
+        watchdog,
     )
+
+
+def _watchdog_plan(settings: Settings) -> tuple[str, int] | None:
+    """(device, timeout) to arm once the fence is held, checked now so that `required`
+    refuses before anything is taken or started; None without a watchdog."""
+    if settings.watchdog == "off":
+        return None
+    from pgfence import watchdog
+
+    try:
+        timeout = watchdog.timeout_for(settings.timings)
+        watchdog.probe(settings.watchdog_device, timeout)
+    except PgfenceError as exc:
+        if settings.watchdog == "required":
+            raise
+        log.event(
+            "watchdog_unused",
+            f"{exc.message} (--watchdog auto: going on without a watchdog)",
+            level="warning",
+        )
+        return None
+    return settings.watchdog_device, timeout
 
 
 def fence_environment(settings: Settings) -> dict[str, str]:

@@ -173,6 +173,21 @@ RUN = (
         "serve Prometheus metrics there (off by default; a bare :PORT means loopback)",
     ),
     Option(
+        "--watchdog",
+        "watchdog",
+        "FENCE_WATCHDOG",
+        "off|auto|required",
+        "lease mode: reset the machine through the watchdog if pgfence cannot fence in "
+        "time (default off; auto: if the device is usable; required: refuse without it)",
+    ),
+    Option(
+        "--watchdog-device",
+        "watchdog_device",
+        "FENCE_WATCHDOG_DEVICE",
+        "PATH",
+        "the Linux watchdog device (default /dev/watchdog)",
+    ),
+    Option(
         "--drain-grace",
         "drain_grace",
         "FENCE_DRAIN_GRACE",
@@ -234,6 +249,8 @@ class Settings(Struct):
     drain_grace: float
     user: str | None
     metrics_address: str | None
+    watchdog: str  # off, auto or required
+    watchdog_device: str
     json: bool
     observe: float | None
     force: bool
@@ -380,6 +397,8 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
         drain_grace=drain_grace,
         user=_optional_text(raw("user")[0]),
         metrics_address=_optional_text(raw("metrics_address")[0]),
+        watchdog=choice("watchdog", "off", ("off", "auto", "required")),
+        watchdog_device=_optional_text(raw("watchdog_device")[0]) or "/dev/watchdog",
         json=bool(values.get("json", False)),
         observe=seconds("observe", None, 0.0),
         force=bool(values.get("force", False)),

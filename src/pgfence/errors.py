@@ -13,6 +13,7 @@ EXIT_LOCK_FORMAT = 65  # lock content pgfence cannot understand
 EXIT_FENCED_OUT = 73  # another holder has the fence
 EXIT_STORAGE = 74  # I/O error on the lock storage
 EXIT_SELF_FENCED = 75  # we lost (or could not keep) the fence and stopped the child
+EXIT_UNFLUSHED = 76  # the child's tree is gone but its writes could not be flushed in time
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 

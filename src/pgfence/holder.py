@@ -24,11 +24,20 @@ from collections.abc import Mapping, Sequence
 
 from pgfence import clock, log, signals
 from pgfence.backends.base import Backend, Hold
-from pgfence.errors import EXIT_SELF_FENCED, CommandError, Interrupted, LockLost, StorageError
+from pgfence.errors import (
+    EXIT_SELF_FENCED,
+    EXIT_UNFLUSHED,
+    CommandError,
+    Interrupted,
+    LockLost,
+    StorageError,
+)
+from pgfence.flush import FlushResult, flush, flush_bound
 from pgfence.metrics import Metrics
 from pgfence.signals import FORWARDED, next_signal
 from pgfence.supervisor import Supervisor
 from pgfence.timings import Timings
+from pgfence.watchdog import Watchdog
 
 # What the supervised command learns about the fence it runs under. A pgfence started
 # inside that command (the `postgres` shim under a wrapped entrypoint) recognises its
@@ -58,18 +67,36 @@ def run(
     user: str | None = None,
     metrics: Metrics | None = None,
     fence_env: Mapping[str, str] | None = None,
+    flush_dirs: Sequence[str] = (),
+    watchdog: tuple[str, int] | None = None,
 ) -> int:
     if not signals.all_blocked():
         raise RuntimeError("holder.run needs the handled signals blocked (signals.block)")
     metrics = metrics or Metrics("file", timings.mode, timings.deadline)
     hold = backend.acquire(interruptible_sleep)
     metrics.acquired(hold.generation, hold.acquired_clock)
+    dog: Watchdog | None = None
+    if watchdog:
+        try:
+            dog = Watchdog(*watchdog)  # armed before anything starts; probed before acquiring
+        except StorageError:
+            hold.release()
+            raise
+        log.event(
+            "watchdog_armed",
+            f"watchdog {dog.device} armed: the machine resets {dog.timeout} s after the "
+            "last renewal unless pgfence fences and flushes first",
+            device=dog.device,
+            timeout=dog.timeout,
+        )
     if timings.deadline is not None and clock.now() - hold.acquired_clock > timings.deadline:
         # Paused (or stalled on storage) after the acquiring write started: as after any
         # pause past the deadline, the lease may be someone else's by now. Never start
         # the command on it, and leave the lock as it is (a free lock could be taken
         # while a holder we overwrote still runs its server).
         metrics.fenced()
+        if dog:
+            dog.close(magic=True)  # nothing was started: nothing to reset for
         late = (
             f"acquiring {backend.location()} took {clock.now() - hold.acquired_clock:.2f} s, "
             f"longer than the deadline ({timings.deadline:.3g} s)"
@@ -94,9 +121,11 @@ def run(
         supervisor = Supervisor(list(command), env, user)
     except CommandError:
         hold.release()
+        if dog:
+            dog.close(magic=True)
         metrics.released()
         raise
-    renewer = Renewer(hold, timings, metrics)
+    renewer = Renewer(hold, timings, metrics, dog)
     signals.start_thread(renewer)
     log.event(
         "started",
@@ -121,7 +150,7 @@ def run(
         reason = renewer.lost or _deadline_passed(renewer, timings)
         if reason:
             metrics.fenced()
-            return _self_fence(supervisor, renewer, reason)
+            return _self_fence(supervisor, renewer, reason, flush_dirs, timings, dog)
 
         if signum in FORWARDED and draining_since is None:
             supervisor.forward(signum)
@@ -150,7 +179,17 @@ def run(
 
     status = supervisor.exit_status
     assert status is not None
+    # Every process is gone, but its writes may not be on the storage yet: flush them
+    # while the lease is still renewed, and give the lock up only if that finished.
+    flushed = flush(flush_dirs, flush_bound(timings))
+    reason = renewer.lost or _deadline_passed(renewer, timings)
+    if reason:
+        metrics.fenced()
+        return _self_fence(supervisor, renewer, reason, flush_dirs, timings, dog, flushed)
     renewer.stop()
+    if not flushed.ok:
+        metrics.fenced()
+        return _unflushed(flushed, f"{command[0]} exited with status {status}")
     metrics.released()
     if hold.release():
         log.event(
@@ -158,6 +197,7 @@ def run(
             f"{command[0]} exited with status {status}; released {backend.location()}",
             status=status,
             lock=backend.location(),
+            flush_seconds=round(flushed.seconds, 4),
         )
     else:
         log.event(
@@ -167,6 +207,8 @@ def run(
             level="warning",
             status=status,
         )
+    if dog:
+        dog.close(magic=True)
     return status
 
 
@@ -182,20 +224,51 @@ def _deadline_passed(renewer: Renewer, timings: Timings) -> str | None:
     )
 
 
-def _self_fence(supervisor: Supervisor, renewer: Renewer, reason: str) -> int:
+def _self_fence(
+    supervisor: Supervisor,
+    renewer: Renewer,
+    reason: str,
+    flush_dirs: Sequence[str],
+    timings: Timings,
+    dog: Watchdog | None,
+    flushed: FlushResult | None = None,
+) -> int:
     started = clock.now()
     supervisor.kill_all()  # SIGKILL: a smart shutdown would keep serving for minutes
     renewer.stop(wait=False)
     took = clock.now() - started
+    if flushed is None:  # (already flushed when the tree was gone before the fence)
+        flushed = flush(flush_dirs, flush_bound(timings))
+    if not flushed.ok:
+        return _unflushed(flushed, f"{reason}: killed the server's process tree")
+    if dog:
+        dog.close(magic=True)  # tree gone and flushed: a reset would protect nothing
     log.event(
         "self_fenced",
         f"{reason}: killed the server's process tree in {took * 1000:.0f} "
-        "ms; the lock is left as it is",
+        f"ms and flushed its writes in {flushed.seconds * 1000:.0f} ms; the lock is "
+        "left as it is",
         level="error",
         reason=reason,
         kill_seconds=round(took, 4),
+        flush_seconds=round(flushed.seconds, 4),
     )
     return EXIT_SELF_FENCED
+
+
+def _unflushed(flushed: FlushResult, what: str) -> int:
+    """The tree is gone but its writes may not be on the storage: they can still land,
+    even after a partition heals. Leave the lock (and an armed watchdog, which resets the
+    machine: the only thing that stops them)."""
+    log.event(
+        "flush_failed",
+        f"{what}, but its writes could not be flushed ({flushed.detail}): they may still "
+        "reach the storage; the lock is left as it is",
+        level="error",
+        error=flushed.detail,
+        flush_seconds=round(flushed.seconds, 4),
+    )
+    return EXIT_UNFLUSHED
 
 
 class Renewer(threading.Thread):
@@ -205,8 +278,11 @@ class Renewer(threading.Thread):
     counted from it, because a write that took long may have reached the storage late.
     """
 
-    def __init__(self, hold: Hold, timings: Timings, metrics: Metrics) -> None:
+    def __init__(
+        self, hold: Hold, timings: Timings, metrics: Metrics, dog: Watchdog | None = None
+    ) -> None:
         super().__init__(name="pgfence-renewer", daemon=True)
+        self._dog = dog
         self._hold = hold
         self._timings = timings
         self._metrics = metrics
@@ -256,6 +332,10 @@ class Renewer(threading.Thread):
             failures = 0
             self.last_success = started
             self._metrics.renewed(started, clock.now() - started)
+            if self._dog and self.in_time():
+                # Only a renewal that also completed within the deadline: the reset then
+                # comes by last_success + D + T, inside the takeover wait.
+                self._dog.keepalive()
 
     def _wake_main(self) -> None:
         # SIGCHLD is harmless to the main loop: it just reaps and looks at `lost`.

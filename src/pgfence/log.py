@@ -1,8 +1,9 @@
 """Operator-facing events, one line each on stderr, as text or JSON.
 
 Event names are stable (scripts and log pipelines match on them): acquired, waiting,
-started, fenced_out (as error), renew_failed, renewed, self_fenced, draining, released,
-removed, claim_abandoned, nested, error.
+started, fenced_out (as error), renew_failed, renewed, self_fenced, flush_failed,
+draining, released, removed, claim_abandoned, nested, watchdog_armed, watchdog_unused,
+guardian_killed, error.
 """
 
 from __future__ import annotations
