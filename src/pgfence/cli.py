@@ -132,7 +132,8 @@ def _backend(settings: Settings) -> Backend:
 def _run(settings: Settings, command: list[str]) -> int:
     from pgfence import holder, supervisor
     from pgfence.datadir import check_same_filesystem, data_directory
-    from pgfence.flush import filesystems
+    from pgfence.flush import filesystems, flush_bound
+    from pgfence.guardian import Guardian
     from pgfence.metrics import Metrics, serve
 
     backend = _backend(settings)
@@ -162,19 +163,33 @@ def _run(settings: Settings, command: list[str]) -> int:
     lock_dir = [os.path.dirname(settings.lock_file)] if settings.backend == "file" else []
     flush_dirs = filesystems([data_dir, *lock_dir]) if data_dir else []
     metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
+    # Forked before any thread exists (see guardian.py); PID 1 needs none: the kernel
+    # kills its whole namespace with it.
+    guardian = None if os.getpid() == 1 else Guardian(flush_dirs, flush_bound(settings.timings))
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
-    return holder.run(
-        backend,
-        settings.timings,
-        command,
-        settings.drain_grace,
-        settings.user,
-        metrics,
-        fence_environment(settings),
-        flush_dirs,
-        watchdog,
-    )
+    try:
+        status = holder.run(
+            backend,
+            settings.timings,
+            command,
+            settings.drain_grace,
+            settings.user,
+            metrics,
+            fence_environment(settings),
+            flush_dirs,
+            watchdog,
+            guardian,
+        )
+    except PgfenceError:
+        # Raised before the command started, or after its tree was gone (never while
+        # it runs): nothing for the guardian to kill.
+        if guardian:
+            guardian.done()
+        raise
+    if guardian:
+        guardian.done()  # every return of holder.run comes after the tree is gone
+    return status
 
 
 def _watchdog_plan(settings: Settings) -> tuple[str, int] | None:

@@ -33,6 +33,7 @@ from pgfence.errors import (
     StorageError,
 )
 from pgfence.flush import FlushResult, flush, flush_bound
+from pgfence.guardian import REPORT_EVERY, Guardian
 from pgfence.metrics import Metrics
 from pgfence.signals import FORWARDED, next_signal
 from pgfence.supervisor import Supervisor
@@ -69,6 +70,7 @@ def run(
     fence_env: Mapping[str, str] | None = None,
     flush_dirs: Sequence[str] = (),
     watchdog: tuple[str, int] | None = None,
+    guardian: Guardian | None = None,
 ) -> int:
     if not signals.all_blocked():
         raise RuntimeError("holder.run needs the handled signals blocked (signals.block)")
@@ -118,7 +120,7 @@ def run(
         LOCK_ENV: backend.location(),
     }
     try:
-        supervisor = Supervisor(list(command), env, user)
+        supervisor = Supervisor(list(command), env, user, guardian)
     except CommandError:
         hold.release()
         if dog:
@@ -136,6 +138,7 @@ def run(
 
     draining_since: float | None = None
     killed_leftovers = False
+    next_report = clock.now() + REPORT_EVERY
     while True:
         timeout = 0.1 if draining_since is not None else 1.0
         if timings.deadline is not None:
@@ -154,6 +157,11 @@ def run(
 
         if signum in FORWARDED and draining_since is None:
             supervisor.forward(signum)
+        if guardian and clock.now() >= next_report:
+            # Sessions the command's processes run in, new ones too (pg_ctl starts a
+            # server in its own): the guardian kills them all if we die.
+            guardian.protect(supervisor.sessions())
+            next_report = clock.now() + REPORT_EVERY
         supervisor.reap()
         if supervisor.exit_status is None:
             continue

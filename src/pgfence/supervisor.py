@@ -17,15 +17,29 @@ from pgfence import linux
 from pgfence.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, CommandError
 from pgfence.signals import FORWARDED
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pgfence.guardian import Guardian
+
 
 class Supervisor:
-    def __init__(self, argv: list[str], env: dict[str, str], user: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        user: str | None = None,
+        guardian: Guardian | None = None,
+    ) -> None:
         self.is_init = os.getpid() == 1
+        self._guardian = guardian.pid if guardian else None  # not the command's: not waited for
         if not self.is_init:
             linux.become_subreaper()
         self._own_proc = _proc_is_ours()
         self.exit_status: int | None = None  # shell convention: code, or 128+signal
-        self.pid = _spawn(argv, env, user)
+        on_fork = None if guardian is None else (lambda pid: guardian.protect({pid}))
+        self.pid = _spawn(argv, env, user, on_fork)
 
     def reap(self) -> None:
         """Collect every exited child (zombies included, as PID 1 must)."""
@@ -62,12 +76,22 @@ class Supervisor:
         for pid, (ppid, _) in table.items():
             children.setdefault(ppid, []).append(pid)
         found: list[int] = []
-        stack = list(children.get(me, ()))
+        stack = [pid for pid in children.get(me, ()) if pid != self._guardian]
         while stack:
             pid = stack.pop()
             if table[pid][1] != "Z":
                 found.append(pid)
             stack.extend(children.get(pid, ()))
+        return found
+
+    def sessions(self) -> set[int]:
+        """Session ids of the processes we must outlive (for the guardian)."""
+        found = set()
+        for pid in [self.pid, *self.remaining()]:
+            try:
+                found.add(os.getsid(pid))
+            except OSError:
+                pass
         return found
 
     def signal_all(self, signum: int) -> None:
@@ -93,14 +117,18 @@ class Supervisor:
             signal.sigtimedwait([signal.SIGCHLD], 0.005)
 
 
-def _spawn(argv: list[str], env: dict[str, str], user: str | None) -> int:
+def _spawn(
+    argv: list[str], env: dict[str, str], user: str | None, on_fork: Callable[[int], None] | None
+) -> int:
     ids = _user_ids(user) if user else None
     parent = os.getpid()
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    go_read, go_write = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child: only async-signal-safe-ish work until exec
         try:
             os.close(read_end)
+            os.close(go_write)
             os.setsid()
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             # Python ignores SIGPIPE and SIGXFSZ; a shell's background job starts with
@@ -114,12 +142,21 @@ def _spawn(argv: list[str], env: dict[str, str], user: str | None) -> int:
             linux.set_parent_death_signal(signal.SIGKILL)  # after the user switch
             if os.getppid() != parent:
                 os._exit(1)  # pgfence died before the line above took effect
+            if on_fork and not os.read(go_read, 1):
+                os._exit(1)  # pgfence died before the guardian knew of us
             os.execvpe(argv[0], argv, env)
         except OSError as exc:
             os.write(write_end, str(exc.errno or 0).encode())
         finally:
             os._exit(EXIT_NOT_FOUND)
     os.close(write_end)
+    os.close(go_read)
+    # The command may change user (gosu), which clears its parent-death signal: it
+    # execs only once `on_fork` (the guardian) knows its session.
+    if on_fork:
+        on_fork(pid)
+    os.write(go_write, b"g")
+    os.close(go_write)
     with os.fdopen(read_end, "rb") as pipe:
         failure = pipe.read()
     if not failure:

@@ -1,0 +1,93 @@
+"""The guardian (guardian.py) on real PostgreSQL started through real gosu.
+
+`gosu postgres postgres ...` changes user itself, which clears the parent-death signal
+pgfence set, so a SIGKILLed pgfence (not PID 1) used to leave the server running. The
+guardian must take the postmaster and every backend with it; the negative control kills
+the guardian first and shows the server then survives pgfence.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import PGFENCE, needs_pg, needs_root
+from harness import pg
+from harness.fence import clean_env, first_line, read_text, wait_for
+from harness.procs import Registry, alive, descendants
+
+PSQL = os.path.join(pg.PG_BIN, "psql")
+SLEEP = "SELECT pg_sleep(600)"
+pytestmark = [needs_root, needs_pg, pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+class GosuServer:
+    """`pgfence run -- gosu postgres postgres -D DATA` as root, not PID 1, with one client
+    session held open in a backend."""
+
+    def __init__(self, procs: Registry, shared_dir: str, datadir: str) -> None:
+        self.lock = os.path.join(shared_dir, "fence_lock")
+        self.err = os.path.join(shared_dir, "pgfence.err")
+        self.port = pg.free_port()
+        sock = pg.make_shared_dir(os.path.join(shared_dir, "sock"))
+        argv = [PGFENCE, "run", "--lock-file", self.lock, "--", "gosu", "postgres"]
+        argv += pg.server_argv(datadir, self.port, sock)
+        with open(self.err, "wb") as err:
+            self.proc = procs.start(argv, env=clean_env(), stderr=err)
+        pg.wait_ready(self.port, timeout=60, proc=self.proc)
+        (self.postmaster,) = pg.postmaster_pids(datadir)
+        self.client = procs.start(
+            [PSQL, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-Xqc", SLEEP],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: self._backend_count() >= 1, "the client's backend")
+        self.tree = [self.postmaster, *descendants(self.postmaster)]
+        for pid in self.tree:
+            procs.track(pid)  # in its own session: the registry would not find it
+
+    def _backend_count(self) -> int:
+        done = pg.psql(self.port, "SELECT count(*) FROM pg_stat_activity WHERE query ~ 'pg_sleep'")
+        return int(done.stdout.strip() or 0)
+
+    def guardian(self) -> int:
+        children = read_text(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").split()
+        (guardian,) = [int(p) for p in children if int(p) != self.postmaster]
+        assert read_text(f"/proc/{guardian}/cmdline") == read_text(f"/proc/{self.proc.pid}/cmdline")
+        return guardian
+
+
+def test_sigkilled_pgfence_takes_the_gosu_server_with_it(
+    procs: Registry, shared_dir: str, pg_cluster: str
+) -> None:
+    server = GosuServer(procs, shared_dir, pg_cluster)
+    assert len(server.tree) >= 5  # postmaster, its helpers, and the client's backend
+    server.proc.kill()
+    server.proc.wait(timeout=30)
+    try:
+        wait_for(lambda: not any(alive(p) for p in server.tree), "the server tree to die")
+    except AssertionError:
+        left = [p for p in server.tree if alive(p)]
+        raise AssertionError(f"still alive: {left}\n{read_text(server.err)}") from None
+    assert pg.postmaster_pids(pg_cluster) == []
+    wait_for(lambda: "guardian killed" in read_text(server.err), "the guardian's event")
+    assert "flushed their writes" in read_text(server.err)
+    assert first_line(server.lock) == os.uname().nodename  # a killed holder leaves its lock
+
+
+def test_negative_control_without_the_guardian_the_gosu_server_survives(
+    procs: Registry, shared_dir: str, pg_cluster: str
+) -> None:
+    server = GosuServer(procs, shared_dir, pg_cluster)
+    os.kill(server.guardian(), signal.SIGKILL)
+    server.proc.kill()
+    server.proc.wait(timeout=30)
+    # pgfence is gone, and with it any parent-death signal: gosu cleared it. The server
+    # still answers queries, the harm the guardian prevents.
+    assert pg.is_ready(server.port)
+    assert alive(server.postmaster)
+    os.kill(server.postmaster, signal.SIGKILL)
+    wait_for(lambda: not any(alive(p) for p in server.tree), "the cleanup")
