@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.faults import steal_lock
+from conftest import needs_root
+from harness.faults import Tmpfs, steal_lock
 from harness.fence import PGFENCE, assert_one_line_error, clean_env, marker_command, wait_for
 from harness.procs import Registry
 from pgfence import watchdog
@@ -100,18 +101,26 @@ class FakeDriver:
     """pgfence under strace, which answers the stand-in's ioctls as a driver would and
     logs each write to it."""
 
-    def __init__(self, procs: Registry, tmp_path: Path, command: list[str], *inject: str):
+    def __init__(
+        self,
+        procs: Registry,
+        tmp_path: Path,
+        command: list[str],
+        *inject: str,
+        lock: str | None = None,
+    ) -> None:
         self.device = tmp_path / "watchdog"
         self.device.write_bytes(b"")
         self.log = tmp_path / "strace.log"
         self.err = tmp_path / "pgfence.err"
-        self.lock = str(tmp_path / "fence_lock")
+        self.lock = lock or str(tmp_path / "fence_lock")
         strace = ["strace", "-f", "--seccomp-bpf", "-qq", "-o", str(self.log)]
         # PGDATA names the directory to flush, so syncfs on it is traced (and delayable).
         strace += ["-P", str(self.device), "-P", str(tmp_path)]
         strace += ["-e", "trace=ioctl,write,close,syncfs"]
         strace += ["-e", "inject=ioctl:retval=0", *inject]
-        argv = [*run_args(tmp_path, *LEASE), "--watchdog", "required"]
+        argv = [PGFENCE, "run", "--lock-file", self.lock, "--allow-other-filesystem", *LEASE]
+        argv += ["--watchdog", "required"]
         argv += ["--watchdog-device", str(self.device), "--", *command]
         with open(self.err, "wb") as err:
             env = clean_env(PGDATA=str(tmp_path))
@@ -191,3 +200,23 @@ def _pgfence_pid(strace_pid: int) -> int:
     except OSError:
         return 0
     return int(kids[0]) if kids else 0
+
+
+@needs_root
+def test_no_keepalive_after_renewals_fail(procs: Registry, tmp_path: Path) -> None:
+    """The lock's filesystem turns read-only: renewals fail, and from the first failure
+    on not one keepalive is written (a real driver would reset the machine unless pgfence
+    fences and flushes first; it does: self-fence after D, flush, magic close)."""
+    fs = Tmpfs(str(tmp_path / "lockfs"))
+    try:
+        driver = FakeDriver(procs, tmp_path, ["sleep", "600"], lock=f"{fs.path}/fence_lock")
+        wait_for(lambda: driver.writes().count("k") >= 3, "keepalives")
+        fs.read_only(True)
+        wait_for(lambda: "heartbeat failed" in driver.stderr(), "a failed renewal")
+        after_failure = len(driver.calls())
+        assert driver.proc.wait(timeout=30) == 75, driver.stderr()
+        late = [c for c in driver.calls()[after_failure:] if c.startswith("write(")]
+        assert late and all('"V"' in c for c in late), late
+    finally:
+        fs.read_only(False)
+        fs.unmount()

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import math
 import os
+import threading
 
 from pgfence.errors import StorageError, UsageError
 from pgfence.flush import margin
@@ -66,6 +67,9 @@ class Watchdog:
         self.device = device
         self.timeout = timeout
         self._fd: int | None = None
+        # The renewer keeps it alive, the main thread closes it: never a write to a
+        # descriptor number that was closed (and perhaps reused) meanwhile.
+        self._mutex = threading.Lock()
         try:
             self._fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -86,23 +90,25 @@ class Watchdog:
         self.keepalive()
 
     def keepalive(self) -> None:
-        if self._fd is not None:
-            try:
-                os.write(self._fd, KEEPALIVE)
-            except OSError:
-                pass  # the timer keeps running: a missed keepalive ends in a reset, safely
+        with self._mutex:
+            if self._fd is not None:
+                try:
+                    os.write(self._fd, KEEPALIVE)
+                except OSError:
+                    pass  # the timer keeps running: a missed keepalive ends in a reset
 
     def close(self, magic: bool) -> None:
         """Close the device; with `magic`, stop the timer first (magic close)."""
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        try:
-            if magic:
-                os.write(fd, MAGIC_CLOSE)
-        except OSError:
-            pass
-        os.close(fd)
+        with self._mutex:
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            try:
+                if magic:
+                    os.write(fd, MAGIC_CLOSE)
+            except OSError:
+                pass
+            os.close(fd)
 
 
 def probe(device: str, timeout: int) -> None:
