@@ -198,6 +198,8 @@ def run(
     if not flushed.ok:
         metrics.fenced()
         return _unflushed(flushed, f"{command[0]} exited with status {status}")
+    if dog:
+        dog.close(magic=True)  # tree gone and flushed: whatever the release meets now
     metrics.released()
     if hold.release():
         log.event(
@@ -215,8 +217,6 @@ def run(
             level="warning",
             status=status,
         )
-    if dog:
-        dog.close(magic=True)
     return status
 
 
