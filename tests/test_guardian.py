@@ -60,3 +60,25 @@ def test_guardian_leaves_with_a_clean_exit(procs: Registry, tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert "guardian killed" not in done.stderr
+
+
+def test_leftover_daemon_in_its_own_session_dies_with_pgfence(
+    procs: Registry, tmp_path: Path
+) -> None:
+    """The command exits and leaves a daemon in a session of its own (as pg_ctl starts a
+    server); pgfence drains it and is SIGKILLed meanwhile: the daemon must not survive.
+    It has no parent-death signal at all (only pgfence's direct child gets one)."""
+    out = str(tmp_path / "daemon")
+    script = 'setsid "$@" & while ! grep -q "^ready" "$0" 2>/dev/null; do sleep 0.02; done'
+    argv = [PGFENCE, "run", "--lock-file", str(tmp_path / "lock"), "--drain-grace", "600"]
+    argv += ["--", "sh", "-c", script, out, sys.executable, PRINT_SIGNALS, out]
+    err = str(tmp_path / "err")
+    with open(err, "wb") as f:
+        proc = procs.start(argv, env=clean_env(), stderr=f)
+    daemon = int(wait_for(lambda: read_text(out).partition("\n")[0], "the daemon").split()[1])
+    procs.track(daemon)
+    assert os.getsid(daemon) == daemon
+    wait_for(lambda: "still running" in read_text(err), "the drain")
+    proc.kill()
+    proc.wait(timeout=30)
+    wait_for(lambda: not alive(daemon), "the daemon to die with pgfence")

@@ -173,6 +173,8 @@ def run(
         now = clock.now()
         if draining_since is None:
             draining_since = now
+            if guardian:
+                guardian.protect(supervisor.sessions())  # the leftovers', at once
             log.event(
                 "draining",
                 f"{command[0]} exited with status {supervisor.exit_status}; "
