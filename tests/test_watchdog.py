@@ -220,3 +220,13 @@ def test_no_keepalive_after_renewals_fail(procs: Registry, tmp_path: Path) -> No
     finally:
         fs.read_only(False)
         fs.unmount()
+
+
+def test_margin_and_flush_bound_follow_the_takeover_rule() -> None:
+    from pgfence.flush import STRICT_FLUSH_BOUND, flush_bound, margin
+
+    assert margin(Timings.lease(30.0)) == 22.5 and flush_bound(Timings.lease(30.0)) == 11.25
+    assert margin(Timings.strict(2.0)) is None
+    assert flush_bound(Timings.strict(2.0)) == STRICT_FLUSH_BOUND
+    # a strict mode with a deadline: taken over after 3 intervals + 1 s of silence
+    assert margin(Timings("strict", 2.0, 0.0, 0.0, 5.0, 0.5)) == 2.0

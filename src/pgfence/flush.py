@@ -36,10 +36,16 @@ class FlushResult(Struct):
 
 def margin(timings: Timings) -> float | None:
     """W - D: from the holder's deadline to the first moment a contender may take over
-    (None without a deadline). Computed from the Timings fields: lease mode only."""
+    (None without a deadline). W is the silence a contender needs, as the lock record
+    states it (record.silence_required): TTL + lock delay for a lease, 3 heartbeat
+    intervals + 1 s in strict mode (for a strict mode with a deadline)."""
     if timings.deadline is None:
         return None
-    return timings.ttl + timings.lock_delay - timings.deadline
+    if timings.mode == "lease":
+        takeover = timings.ttl + timings.lock_delay
+    else:
+        takeover = 3 * timings.interval + 1.0
+    return takeover - timings.deadline
 
 
 def flush_bound(timings: Timings) -> float:
