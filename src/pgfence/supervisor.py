@@ -142,7 +142,7 @@ def _spawn(
             linux.set_parent_death_signal(signal.SIGKILL)  # after the user switch
             if os.getppid() != parent:
                 os._exit(1)  # pgfence died before the line above took effect
-            if on_fork and not os.read(go_read, 1):
+            if not os.read(go_read, 1):
                 os._exit(1)  # pgfence died before the guardian knew of us
             os.execvpe(argv[0], argv, env)
         except OSError as exc:
@@ -155,7 +155,10 @@ def _spawn(
     # execs only once `on_fork` (the guardian) knows its session.
     if on_fork:
         on_fork(pid)
-    os.write(go_write, b"g")
+    try:
+        os.write(go_write, b"g")
+    except BrokenPipeError:
+        pass  # the child died before reading it: the exec pipe below tells
     os.close(go_write)
     with os.fdopen(read_end, "rb") as pipe:
         failure = pipe.read()
