@@ -16,6 +16,7 @@ import pytest
 
 from conftest import PGFENCE, needs_pg, needs_root
 from harness import pg
+from harness.containers import container_env, make_bin_dir, server_args
 from harness.fence import clean_env, first_line, read_text, wait_for
 from harness.procs import Registry, alive, descendants
 
@@ -25,20 +26,34 @@ pytestmark = [needs_root, needs_pg, pytest.mark.integration, pytest.mark.timeout
 
 
 class GosuServer:
-    """`pgfence run -- gosu postgres postgres -D DATA` as root, not PID 1, with one client
-    session held open in a backend."""
+    """`pgfence run -- gosu postgres postgres -D DATA` as root, not PID 1, or the
+    entrypoint-shaped script (`exec gosu postgres "$BASH_SOURCE"`, then `exec postgres`),
+    with one client session held open in a backend."""
 
-    def __init__(self, procs: Registry, shared_dir: str, datadir: str) -> None:
+    def __init__(self, procs: Registry, shared_dir: str, datadir: str, style: str = "gosu") -> None:
         self.lock = os.path.join(shared_dir, "fence_lock")
         self.err = os.path.join(shared_dir, "pgfence.err")
         self.port = pg.free_port()
         sock = pg.make_shared_dir(os.path.join(shared_dir, "sock"))
-        argv = [PGFENCE, "run", "--lock-file", self.lock, "--", "gosu", "postgres"]
-        argv += pg.server_argv(datadir, self.port, sock)
+        argv = [PGFENCE, "run", "--lock-file", self.lock, "--"]
+        if style == "gosu":
+            argv += ["gosu", "postgres", *pg.server_argv(datadir, self.port, sock)]
+            env = clean_env()
+        else:
+            bin_dir = make_bin_dir(os.path.join(shared_dir, "bin"))
+            argv += ["entrypoint.sh", *server_args(datadir, self.port, sock)]
+            env = container_env([bin_dir], PGDATA=datadir, PGHOST=sock, PGPORT=str(self.port))
         with open(self.err, "wb") as err:
-            self.proc = procs.start(argv, env=clean_env(), stderr=err)
+            self.proc = procs.start(argv, env=env, stderr=err)
         pg.wait_ready(self.port, timeout=60, proc=self.proc)
-        (self.postmaster,) = pg.postmaster_pids(datadir)
+        # pgfence's children: its guardian (a fork of itself) and the command, which
+        # exec'd into the postmaster (postmaster_pids could also see a backend that has
+        # not yet renamed itself).
+        children = read_text(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").split()
+        me = read_text(f"/proc/{self.proc.pid}/cmdline")
+        (self.guardian,) = [int(p) for p in children if read_text(f"/proc/{p}/cmdline") == me]
+        (self.postmaster,) = [int(p) for p in children if int(p) != self.guardian]
+        assert self.postmaster in pg.postmaster_pids(datadir)
         self.client = procs.start(
             [PSQL, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-Xqc", SLEEP],
             stdout=subprocess.DEVNULL,
@@ -53,17 +68,12 @@ class GosuServer:
         done = pg.psql(self.port, "SELECT count(*) FROM pg_stat_activity WHERE query ~ 'pg_sleep'")
         return int(done.stdout.strip() or 0)
 
-    def guardian(self) -> int:
-        children = read_text(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").split()
-        (guardian,) = [int(p) for p in children if int(p) != self.postmaster]
-        assert read_text(f"/proc/{guardian}/cmdline") == read_text(f"/proc/{self.proc.pid}/cmdline")
-        return guardian
 
-
+@pytest.mark.parametrize("style", ["gosu", "entrypoint"])
 def test_sigkilled_pgfence_takes_the_gosu_server_with_it(
-    procs: Registry, shared_dir: str, pg_cluster: str
+    procs: Registry, shared_dir: str, pg_cluster: str, style: str
 ) -> None:
-    server = GosuServer(procs, shared_dir, pg_cluster)
+    server = GosuServer(procs, shared_dir, pg_cluster, style)
     assert len(server.tree) >= 5  # postmaster, its helpers, and the client's backend
     server.proc.kill()
     server.proc.wait(timeout=30)
@@ -82,7 +92,7 @@ def test_negative_control_without_the_guardian_the_gosu_server_survives(
     procs: Registry, shared_dir: str, pg_cluster: str
 ) -> None:
     server = GosuServer(procs, shared_dir, pg_cluster)
-    os.kill(server.guardian(), signal.SIGKILL)
+    os.kill(server.guardian, signal.SIGKILL)
     server.proc.kill()
     server.proc.wait(timeout=30)
     # pgfence is gone, and with it any parent-death signal: gosu cleared it. The server
