@@ -4,6 +4,7 @@ tests/docker_engine/ run them on stand-ins of the official images)."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,34 @@ def test_etcd_backend_never_moves_pgdata(tmp_path: Path) -> None:
         "FENCE_ETCD_ALLOW_INSECURE": "1",
     }
     assert _choose(env) == str(tmp_path)
+
+
+def test_an_environment_naming_a_fence_we_are_not_under_is_refused(tmp_path: Path) -> None:
+    """PGFENCE_INSTANCE set by hand (no pgfence holds that lock for that instance): refused,
+    neither trusted as the fence nor fenced a second time."""
+    env = {
+        "PGDATA": str(tmp_path / "db"),
+        "FENCE_LOCK_FILE": str(tmp_path / "fence_lock"),
+        "PGFENCE_INSTANCE": "0123456789abcdef",
+        "PGFENCE_LOCK": str(tmp_path / "fence_lock"),
+    }
+    with pytest.raises(UsageError, match="names a fence that does not hold"):
+        image.entrypoint("pgfence", ["--", "true", "postgres"], env)
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="needs /usr/bin/python3")
+def test_launcher_passes_other_commands_through_without_a_lock(tmp_path: Path) -> None:
+    launcher = (Path(__file__).resolve().parent.parent / "docker" / "pgfence").read_text()
+    src = Path(image.__file__).resolve().parent.parent
+    program = tmp_path / "pgfence"
+    program.write_text(launcher.replace('"/usr/local/lib/pgfence"', repr(str(src))))
+    program.chmod(0o755)
+    lock = tmp_path / "missing-dir" / "fence_lock"  # any lock access would fail (74)
+    done = subprocess.run(
+        [str(program), "entrypoint", "--", "echo", "psql", "-c", "select 1"],
+        env={"PATH": "/usr/bin:/bin", "FENCE_LOCK_FILE": str(lock), "PG_MAJOR": "15"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "psql -c select 1\n", "")
