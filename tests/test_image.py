@@ -125,3 +125,9 @@ def test_launcher_passes_other_commands_through_without_a_lock(tmp_path: Path) -
         timeout=30,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "psql -c select 1\n", "")
+
+
+@pytest.mark.parametrize("args", [[], ["--"], ["--help"], ["--", "-x"]])
+def test_entrypoint_without_an_entrypoint_is_a_usage_error(args: list[str]) -> None:
+    with pytest.raises(UsageError, match="usage: pgfence entrypoint -- ENTRYPOINT"):
+        image.entrypoint("pgfence", args, {})

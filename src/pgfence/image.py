@@ -139,10 +139,10 @@ def entrypoint(program: str, args: Sequence[str], env: Mapping[str, str]) -> int
     from pgfence.errors import UsageError
 
     command = list(args[1:] if args[:1] == ["--"] else args)
-    if not command:
+    if not command or command[0].startswith("-"):
         raise UsageError(
-            "`pgfence entrypoint` needs the entrypoint to run, "
-            "e.g. `pgfence entrypoint -- docker-entrypoint.sh postgres`"
+            "usage: pgfence entrypoint -- ENTRYPOINT [ARG...] (no options; fenced when ARGs "
+            "start a server, e.g. `pgfence entrypoint -- docker-entrypoint.sh postgres`)"
         )
     if not starts_server(command[1:]):
         return _exec(command, env)  # psql, bash, pgfence status: nothing to fence
