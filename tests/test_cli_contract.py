@@ -535,7 +535,8 @@ def test_lock_on_another_filesystem_is_refused(tmp_path: Path, where: tuple[str,
         done = run(lock, "db-1", *command, env=env)
         line = refused_untouched(lock, marker, done, ("absent",), 64)
         assert "another filesystem" in line
-        assert "--allow-other-filesystem" in line
+        # Where the lock belongs, never the override that would run unfenced.
+        assert "FENCE_LOCK_FILE" in line and "--allow-other-filesystem" not in line
 
         ok = run(lock, "db-1", *command, extra=(*FAST, "--allow-other-filesystem"), env=env)
         assert ok.returncode == 0, ok.stderr

@@ -101,7 +101,9 @@ def test_operations_covers_what_operators_need() -> None:
 
 def test_install_explains_the_images_choices() -> None:
     for phrase in (
-        "FENCE_LOCK_FILE=/var/lib/postgresql/fence_lock",
+        "| 13 to 17 | `/var/lib/postgresql/data` | `/var/lib/postgresql/data/fence_lock`",
+        "| 18 and later | `/var/lib/postgresql` | `/var/lib/postgresql/fence_lock`",
+        "pgfence entrypoint",
         "python3-minimal",
         "libpython3-stdlib",
         "STOPSIGNAL SIGINT",

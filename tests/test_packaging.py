@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN_DIR
-from pgfence import __version__
+from conftest import BIN_DIR, needs_root
+from pgfence import __version__, image
 from pgfence.timings import DEFAULT_TTL, Timings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,12 @@ def test_image_wraps_the_official_entrypoint(flavour: str) -> None:
     assert name == "PG_MAJOR" and 13 <= int(default) <= 18
     suffix = "-alpine" if flavour == "alpine" else ""
     assert only(path, "FROM") == f"postgres:${{PG_MAJOR}}{suffix}"
-    assert json.loads(only(path, "ENTRYPOINT")) == ["pgfence", "run", "--", "docker-entrypoint.sh"]
+    assert json.loads(only(path, "ENTRYPOINT")) == [
+        "pgfence",
+        "entrypoint",
+        "--",
+        "docker-entrypoint.sh",
+    ]
     assert json.loads(only(path, "CMD")) == ["postgres"]  # ENTRYPOINT resets the base's CMD
     assert only(path, "STOPSIGNAL") == "SIGINT"  # fast shutdown, forwarded as is
 
@@ -97,16 +102,28 @@ def test_healthcheck_is_pgfence_check_and_outlasts_a_takeover(flavour: str) -> N
     assert seconds["timeout"] < seconds["interval"]
 
 
-@pytest.mark.parametrize("path", [*DOCKERFILES.values(), SHIM_DOCKERFILE], ids=lambda p: p.name)
-def test_default_lock_path_fits_both_layouts(path: Path) -> None:
-    """Beside PGDATA and never inside it, in the pre-18 and the 18+ layout, at the root of
-    the 18+ volume (a directory every layout has before initdb), one path for all majors."""
-    lock = env_of(path)["FENCE_LOCK_FILE"]
-    assert os.path.dirname(lock) == VOLUME_18
-    for major in range(13, 19):
-        pgdata = PGDATA_PRE_18 if major < 18 else f"{VOLUME_18}/{major}/docker"
-        assert not lock.startswith(pgdata + "/")
-    assert not lock.startswith(PGDATA_PRE_18)
+@pytest.mark.parametrize("path", DOCKERFILES.values(), ids=lambda p: p.name)
+def test_images_leave_the_lock_path_to_the_launcher(path: Path) -> None:
+    """The lock path depends on the base image's layout, which one ENV cannot express:
+    the launcher picks it (pgfence.image.layout), and any FENCE_LOCK_FILE the user sets."""
+    assert "FENCE_LOCK_FILE" not in env_of(path)
+
+
+@pytest.mark.parametrize("major", range(13, 20))
+def test_each_layout_has_its_lock_at_the_volume_root(major: int) -> None:
+    """13-17: the volume is /var/lib/postgresql/data (also the image's PGDATA); 18 and
+    later: /var/lib/postgresql, with PGDATA /var/lib/postgresql/MAJOR/docker beside the lock."""
+    found = image.layout({"PG_MAJOR": str(major)})
+    assert os.path.dirname(found.lock_file) == found.volume
+    if major < 18:
+        assert found.volume == found.pgdata == PGDATA_PRE_18
+    else:
+        assert (found.volume, found.pgdata) == (VOLUME_18, f"{VOLUME_18}/{major}/docker")
+        assert not found.lock_file.startswith(found.pgdata + "/")
+
+
+def test_launcher_checks_every_stdlib_module_pgfence_imports() -> None:
+    assert set(image.STDLIB) == imported_stdlib()
 
 
 def test_python_packages_are_the_smallest_with_what_pgfence_imports() -> None:
@@ -284,10 +301,11 @@ def _in_context(path: str, patterns: list[str]) -> bool:
     return included
 
 
-def test_pre_18_docker_mount_is_refused_not_run_unfenced(tmp_path: Path) -> None:
-    """The image's lock path with 13-17's usual Docker mount (the volume is PGDATA itself):
-    the lock's directory is then on the container's filesystem, and pgfence refuses (64)
-    before anything starts rather than fence nothing. Emulated with PGDATA on a tmpfs."""
+def test_lock_off_the_data_volume_is_refused_not_run_unfenced(tmp_path: Path) -> None:
+    """A lock set by hand off the volume (13-17's volume at /var/lib/postgresql/data, the
+    lock at /var/lib/postgresql/fence_lock): pgfence refuses (64) before anything starts
+    rather than fence nothing, and says where the lock goes, not how to run unfenced.
+    Emulated with PGDATA on a tmpfs."""
     volume = Path("/dev/shm") / f"pgfence-test-{os.getpid()}"
     volume.mkdir()
     try:
@@ -308,6 +326,44 @@ def test_pre_18_docker_mount_is_refused_not_run_unfenced(tmp_path: Path) -> None
         )
         assert proc.returncode == 64, proc.stderr
         assert "on another filesystem than the data directory" in proc.stderr
+        assert "set FENCE_LOCK_FILE" in proc.stderr and "--allow-other" not in proc.stderr
         assert not marker.exists() and not (tmp_path / "fence_lock").exists()
     finally:
         shutil.rmtree(volume, ignore_errors=True)
+
+
+def _launcher_copy(tmp_path: Path) -> Path:
+    """docker/pgfence, reading the package from this checkout instead of the image's path."""
+    launcher = (ROOT / "docker" / "pgfence").read_text()
+    program = tmp_path / "pgfence"
+    program.write_text(launcher.replace('"/usr/local/lib/pgfence"', repr(str(ROOT / "src"))))
+    program.chmod(0o755)
+    return program
+
+
+@needs_root
+@pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="needs /usr/bin/python3")
+@pytest.mark.parametrize("command", [["--version"], ["check"], ["entrypoint", "--", "true"]])
+def test_launcher_without_the_full_stdlib_names_the_package(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """python3-minimal alone lacks json (among others): emulated by mounting an empty
+    directory over json's package in a mount namespace of the test's own. One line naming
+    the package, no traceback; `check` stays a health check (1)."""
+    program = _launcher_copy(tmp_path)
+    json_dir = subprocess.run(
+        [SYSTEM_PYTHON, "-I", "-c", "import json, os; print(os.path.dirname(json.__file__))"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.strip()  # fmt: skip
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = subprocess.run(
+        ["unshare", "--mount", "--fork", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+         str(empty), json_dir, str(program), *command],
+        env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == (1 if command == ["check"] else 64), proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'json'" in lines[0] and "libpython3-stdlib" in lines[0]

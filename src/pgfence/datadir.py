@@ -3,7 +3,7 @@
 A lock file on another filesystem than the data directory fences nothing: a second
 container that mounts the same data volume would not see it. When the data directory is
 known (from `-D`/`--pgdata` in the command, else $PGDATA), pgfence compares the st_dev
-of both and refuses a mismatch unless told otherwise.
+of both and refuses a mismatch, saying where the lock belongs.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def check_same_filesystem(lock_file: str, data_dir: str) -> None:
     if os.stat(existing).st_dev != lock_dev:
         raise UsageError(
             f"lock file {lock_file} is on another filesystem than the data directory "
-            f"{data_dir}, so it fences nothing; put the lock on the data volume "
-            "(FENCE_LOCK_FILE), or pass --allow-other-filesystem if this is intended"
+            f"{data_dir}, so it fences nothing; set FENCE_LOCK_FILE (--lock-file) to a "
+            "path on the data directory's volume, outside an uninitialised PGDATA (e.g. "
+            "the volume's root, with PGDATA in a subdirectory)"
         )
 
 
