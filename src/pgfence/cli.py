@@ -20,7 +20,7 @@ from pgfence.errors import (
     PgfenceError,
     UsageError,
 )
-from pgfence.record import LegacyLock
+from pgfence.record import LegacyLock, LockRecord, ShimLock
 
 USAGE = """\
 usage: pgfence run [OPTIONS] -- COMMAND [ARG...]   start COMMAND while holding the fence
@@ -48,18 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgfence {__version__}")
         return EXIT_OK
     command = args[0]
-    if command not in (*COMMAND_OPTIONS, "verify-fs"):
-        return _guard(
-            lambda: _fail(
-                UsageError(
-                    f"unknown command {command!r}; expected one of: {', '.join(COMMAND_OPTIONS)}"
-                )
-            )
-        )
+    if command not in COMMANDS:
+        return _guard(lambda: _fail(_unknown_command(command)))
     if command == "verify-fs":
         from pgfence import verifyfs
 
         return _guard(lambda: verifyfs.main(args[1:], print))
+    if command == "export-shim":
+        return _guard(lambda: _export_shim(args[1:]))
     if _asks_for_help(command, args[1:]):
         tail = " -- COMMAND [ARG...]" if command == "run" else ""
         print(f"usage: pgfence {command} [OPTIONS]{tail}")
@@ -68,6 +64,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return _check(args[1:])
     return _guard(lambda: _dispatch(command, args[1:]))
+
+
+COMMANDS = (*COMMAND_OPTIONS, "verify-fs", "export-shim")
+
+
+def _unknown_command(command: str) -> UsageError:
+    return UsageError(
+        f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)} "
+        "(see `pgfence --help`)"
+    )
+
+
+def _export_shim(args: Sequence[str]) -> int:
+    """Print the POSIX sh shim (for images without Python) on stdout."""
+    if args in (["-h"], ["--help"]):
+        print("usage: pgfence export-shim > postgres")
+        print(EXPORT_SHIM_HELP)
+        return EXIT_OK
+    if args:
+        raise UsageError(f"`pgfence export-shim` takes no arguments, got {args[0]!r}")
+    import pkgutil
+
+    data = pkgutil.get_data("pgfence", "shim.sh")
+    if data is None:  # pragma: no cover (a broken installation)
+        raise PgfenceError("this installation of pgfence lacks its shim.sh")
+    sys.stdout.write(data.decode("utf-8").replace("@VERSION@", __version__))
+    sys.stdout.flush()
+    return EXIT_OK
+
+
+EXPORT_SHIM_HELP = """\
+Prints a POSIX sh fencing shim for images without Python. Mount it at
+/newbin/postgres (mode 0555), first on PATH: it takes FENCE_LOCK_FILE as
+token FENCE_VARIABLE (default $HOSTNAME), strict mode, and execs the real
+postgres. It has no heartbeat and nothing releases its lock: after the server
+has stopped for good, run `pgfence release --force`.
+Exit codes (the shim's): 64 usage, 65 unreadable lock, 73 fenced out,
+74 storage error, 127 no real postgres."""
 
 
 def _asks_for_help(command: str, args: Sequence[str]) -> bool:
@@ -228,8 +262,7 @@ def _status(settings: Settings) -> int:
 
         described = None
         if holder is not None:
-            kind = "legacy" if isinstance(holder, LegacyLock) else "pgfence"
-            described = {**holder.as_dict(), "format": kind}
+            described = _holder_json(holder)
         age = state.heartbeat_age
         print(
             json.dumps(
@@ -252,6 +285,9 @@ def _status(settings: Settings) -> int:
         return EXIT_OK
     print("state:       held")
     print(f"holder:      {holder.token}" + ("  (this token)" if state.ours else ""))
+    if isinstance(holder, ShimLock):
+        _print_shim_lock(holder)
+        return EXIT_OK
     if isinstance(holder, LegacyLock):
         print("format:      one-line lock (no heartbeat, no instance)")
         return EXIT_OK
@@ -261,6 +297,24 @@ def _status(settings: Settings) -> int:
     print(f"taken at:    {holder.acquired_at} (holder's wall clock)")
     print(f"heartbeat:   #{holder.heartbeat}, {_liveness(state)}")
     return EXIT_OK
+
+
+def _holder_json(holder: LegacyLock | LockRecord) -> dict[str, object]:
+    """`status --json`'s holder: the record's fields and its format (legacy: one line;
+    shim: written by the POSIX sh shim, never renewed; pgfence)."""
+    if isinstance(holder, ShimLock):
+        return {**holder.record.as_dict(), "format": "shim"}
+    if isinstance(holder, LegacyLock):
+        return {**holder.as_dict(), "format": "legacy"}
+    return {**holder.as_dict(), "format": "pgfence"}
+
+
+def _print_shim_lock(holder: ShimLock) -> None:
+    record = holder.record
+    print("format:      sh shim lock (strict, no heartbeat: nothing releases it)")
+    print(f"instance:    {record.instance} (pid {record.pid} on {record.host})")
+    print(f"generation:  {record.generation}")
+    print(f"taken at:    {record.acquired_at} (holder's wall clock)")
 
 
 def _liveness(state: LockState) -> str:
