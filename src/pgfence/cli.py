@@ -185,7 +185,13 @@ def _run(settings: Settings, command: list[str]) -> int:
     if settings.user:
         supervisor.check_user(settings.user)
     supervisor.check_command(command[0], dict(os.environ))
-    metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
+    backend = _noted_here(backend)
+    metrics = Metrics(
+        settings.backend,
+        settings.timings.mode,
+        settings.timings.deadline,
+        settings.timings.interval,
+    )
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
     supervisor.block_signals()
@@ -198,6 +204,14 @@ def _run(settings: Settings, command: list[str]) -> int:
         metrics,
         fence_environment(settings),
     )
+
+
+def _noted_here(backend: Backend) -> Backend:
+    """`backend`, noting the instance of each fence it acquires in a file local to this
+    container, for `check` (see localholder.py)."""
+    from pgfence.localholder import Recorded
+
+    return Recorded(backend, os.environ)
 
 
 def fence_environment(settings: Settings) -> dict[str, str]:
@@ -336,6 +350,23 @@ def _release(settings: Settings) -> int:
     return EXIT_OK
 
 
+def _held_elsewhere(state: LockState) -> str | None:
+    """Why the fence, held under our token, is not held from this container; None if a
+    `pgfence run` here holds it. Same-token contenders (a Swarm hostname template gives
+    every task one hostname) are told apart by the holder's instance id."""
+    from pgfence.localholder import instances_here
+
+    holder = state.holder
+    assert isinstance(holder, LockRecord)
+    if holder.instance in instances_here(state.location, os.environ):
+        return None
+    return (
+        f"{state.location} is held by instance {holder.instance} of token "
+        f"{holder.token!r}, not by a pgfence run in this container (none runs here, or it "
+        "waits for the lock)"
+    )
+
+
 def _check(args: Sequence[str]) -> int:
     """Health check: only 0 or 1, because Docker and Kubernetes give other codes meaning."""
     try:
@@ -357,6 +388,10 @@ def _check(args: Sequence[str]) -> int:
             f"unhealthy: we hold {state.location} but its heartbeat is not fresh "
             f"({_liveness(state)})"
         )
+        return EXIT_UNHEALTHY
+    elsewhere = _held_elsewhere(state)
+    if elsewhere:
+        print(f"unhealthy: {elsewhere}")
         return EXIT_UNHEALTHY
     print(f"healthy: holding {state.location}, heartbeat {_liveness(state)}")
     return EXIT_OK
