@@ -23,15 +23,16 @@ from pgfence.errors import (
 from pgfence.record import LegacyLock, LockRecord, ShimLock
 
 USAGE = """\
-usage: pgfence run [OPTIONS] -- COMMAND [ARG...]   start COMMAND while holding the fence
-       pgfence status [OPTIONS] [--json]           who holds the fence, and is it alive
-       pgfence release [OPTIONS] [--force]         clear a lock left by a dead holder
-       pgfence check [OPTIONS]                     health check: 0 if we hold it, else 1
-       pgfence verify-fs DIR [OPTIONS]             test a shared directory's semantics
-       pgfence COMMAND --help                      options of one command
-Installed as `postgres` first on PATH, it fences the real postgres found further down.
-Exit codes: 64 usage, 65 unreadable lock, 73 fenced out, 74 storage error, 75 fence lost;
-otherwise the command's own status (128+N when killed by signal N)."""
+usage: pgfence run [OPTIONS] -- COMMAND [ARG...]  run COMMAND holding the fence
+       pgfence status [OPTIONS] [--json]          who holds the fence; alive?
+       pgfence release [OPTIONS] [--force]        clear a dead holder's lock
+       pgfence check [OPTIONS]                    health: 0 if held here, else 1
+       pgfence verify-fs DIR [OPTIONS]            test a shared directory
+       pgfence export-shim                        print the sh shim (no Python)
+       pgfence COMMAND --help                     its options and exit codes
+Installed as `postgres` first on PATH, it fences the real postgres found further
+down. Exit codes: 64 usage, 65 unreadable lock, 73 fenced out, 74 storage error,
+75 fence lost; otherwise the command's own status (128+N: killed by signal N)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,8 +101,8 @@ Prints a POSIX sh fencing shim for images without Python. Mount it at
 token FENCE_VARIABLE (default $HOSTNAME), strict mode, and execs the real
 postgres. It has no heartbeat and nothing releases its lock: after the server
 has stopped for good, run `pgfence release --force`.
-Exit codes (the shim's): 64 usage, 65 unreadable lock, 73 fenced out,
-74 storage error, 127 no real postgres."""
+Exit codes: 0 printed, 64 usage. The shim's own: 64 usage, 65 unreadable lock,
+73 fenced out, 74 storage error, 127 no real postgres."""
 
 
 def _asks_for_help(command: str, args: Sequence[str]) -> bool:

@@ -348,14 +348,13 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     backend = choice("backend", "file", ("file", "etcd"))
     # An etcd key lives only as long as its lease: lease mode is that backend's default.
     mode = choice("mode", "lease" if backend == "etcd" else "strict", ("strict", "lease"))
-    if mode == "lease":
-        ttl = seconds("ttl", DEFAULT_TTL, MIN_TTL)
-        assert ttl is not None
-        timings = Timings.lease(ttl, seconds("lock_delay", None, 0.0))
-    else:
-        interval = seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL, 0.1)
-        assert interval is not None
-        timings = Timings.strict(interval)
+    # Every value is checked whatever the mode: a typo in a setting the current mode
+    # ignores would otherwise surface only on the day someone switches modes.
+    ttl = seconds("ttl", DEFAULT_TTL, MIN_TTL)
+    lock_delay = seconds("lock_delay", None, 0.0)
+    interval = seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL, 0.1)
+    assert ttl is not None and interval is not None
+    timings = Timings.lease(ttl, lock_delay) if mode == "lease" else Timings.strict(interval)
     drain_grace = seconds("drain_grace", DEFAULT_DRAIN_GRACE, 0.0)
     assert drain_grace is not None
     lock_file, _ = raw("lock_file")
@@ -417,12 +416,52 @@ def _lock_file(value: str | bool | None) -> str:
     return os.path.abspath(path)
 
 
+HELP_WIDTH = 80
+EXIT_CODES_HELP = {
+    "run": "Exit codes: the command's own status (128+N when signal N killed it); 64 usage, "
+    "65 unreadable lock, 73 fenced out, 74 storage error, 75 fence lost (the server was "
+    "killed), 126/127 the command cannot be run / was not found.",
+    "status": "Exit codes: 0 the lock was read (free or held), 64 usage, 65 unreadable "
+    "lock, 74 storage error.",
+    "release": "Exit codes: 0 released, or nothing to release; 64 usage, 65 unreadable lock "
+    "(see --force), 73 refused (the holder is alive, or cannot be told dead), 74 storage "
+    "error.",
+    "check": "Exit codes: 0 healthy (a pgfence run in this container holds the lock, with "
+    "a fresh heartbeat), 1 anything else (only 0 or 1: orchestrators give others meaning).",
+}
+
+
 def help_text(command: str) -> str:
-    lines = []
+    """`pgfence COMMAND --help` below its usage line: options, then exit codes."""
+    rows = []
     for option in COMMAND_OPTIONS[command]:
         name = option.flag + (f" {option.metavar}" if option.metavar else "")
         if option.negative:
             name += f", {option.negative}"
         env = f" [{option.env}]" if option.env else ""
-        lines.append(f"  {name:34} {option.help}{env}")
+        rows.append((name, option.help + env))
+    return format_rows(rows) + "\n" + wrap(EXIT_CODES_HELP[command])
+
+
+def format_rows(rows: Sequence[tuple[str, str]], indent: int = 2, column: int = 30) -> str:
+    """Two columns, NAME and TEXT, wrapped to HELP_WIDTH; a long NAME gets its own line."""
+    import textwrap
+
+    lines = []
+    pad = " " * column
+    for name, text in rows:
+        head = " " * indent + name
+        body = textwrap.wrap(text, HELP_WIDTH - column, break_on_hyphens=False)
+        if len(head) < column - 1:
+            lines.append(head.ljust(column) + body[0])
+            body = body[1:]
+        else:
+            lines.append(head)
+        lines.extend(pad + line for line in body)
     return "\n".join(lines)
+
+
+def wrap(text: str) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, HELP_WIDTH, break_on_hyphens=False))
