@@ -5,7 +5,11 @@ has the fields docs/install.md lists."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +159,51 @@ def test_kubernetes_manifest_has_what_the_docs_promise() -> None:
     [mount] = container["volumeMounts"]
     assert mount["mountPath"] == env["FENCE_LOCK_FILE"]["value"].rsplit("/", 1)[0]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command == ["pgfence", "check"] or "pgfence check" in command[-1], probe
-    startup = container["startupProbe"]
+    # pgfence fences itself: no probe that restarts the container (a slow disk, a long
+    # recovery or a wait for the lease would restart a healthy server or the wait).
+    assert "livenessProbe" not in container and "startupProbe" not in container
+    assert "pgfence check" in container["readinessProbe"]["exec"]["command"][-1]
+    # Evicted 30 s after its node is lost, not the default 300 s.
+    tolerated = {t["key"]: t for t in pod["tolerations"]}
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+        assert tolerated[key]["effect"] == "NoExecute"
+        assert 20 <= tolerated[key]["tolerationSeconds"] <= 40
     timings = Timings.lease(ttl)
-    assert startup["periodSeconds"] * startup["failureThreshold"] > timings.ttl + timings.lock_delay
+    assert timings.deadline is not None
+    assert timings.deadline < tolerated["node.kubernetes.io/unreachable"]["tolerationSeconds"]
+    resources = container["resources"]
+    assert resources["requests"]["memory"] and resources["requests"]["cpu"]
+    assert "cpu" not in resources.get("limits", {})  # throttling would delay renewals
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = docs["Service"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    budget = docs["PodDisruptionBudget"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert "pg_ctl stop" in container["lifecycle"]["preStop"]["exec"]["command"][-1]
     port = env["FENCE_METRICS_ADDRESS"]["value"].rsplit(":", 1)[1]
     assert int(port) in {p["containerPort"] for p in container["ports"]}
+
+
+KUBERNETES_VALIDATE = shutil.which("kubernetes-validate") or os.path.join(
+    os.path.dirname(sys.executable), "kubernetes-validate"
+)
+
+
+@pytest.mark.skipif(not os.path.exists(KUBERNETES_VALIDATE), reason="kubernetes-validate missing")
+def test_kubernetes_manifest_validates_strictly(tmp_path: Path) -> None:
+    def validate(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [KUBERNETES_VALIDATE, "--strict", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    result = validate(MANIFEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 4, result.stdout
+    # Negative control: a misspelt field fails strict validation.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(MANIFEST.read_text().replace("tolerationSeconds", "tolerationSecond", 1))
+    assert validate(broken).returncode != 0
