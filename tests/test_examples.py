@@ -80,7 +80,10 @@ def test_postgres_stops_fast_with_time_to_release(path: Path) -> None:
     assert svc["stop_signal"] == "SIGINT"
     assert seconds(svc["stop_grace_period"]) > DEFAULT_TTL  # fast shutdown and release
     health = svc["healthcheck"]
-    assert health["test"] == ["CMD", "pgfence", "check"]
+    if path.name == "stack.sh-shim.yaml":  # no Python in the image, so no pgfence check
+        assert health["test"] == ["CMD", "pg_isready", "-q"]
+    else:
+        assert health["test"] == ["CMD", "pgfence", "check"]
     assert seconds(health["start_period"]) > TAKEOVER
 
 
@@ -126,6 +129,20 @@ def test_stack_runs_one_task_that_stops_before_the_next_starts(path: Path) -> No
     assert deploy["update_config"]["order"] == "stop-first"
     assert deploy["restart_policy"]["condition"] == "any"
     assert "node.labels.postgres == true" in deploy["placement"]["constraints"]
+
+
+def test_sh_shim_stack_runs_the_official_image_in_strict_mode() -> None:
+    path = EXAMPLES / "swarm" / "stack.sh-shim.yaml"
+    doc = load(path)
+    svc = service(path)
+    assert svc["image"].startswith("postgres:")  # the unchanged official image
+    [config] = svc["configs"]
+    assert (config["target"], config["mode"]) == ("/newbin/postgres", 0o555)
+    assert doc["configs"][config["source"]]["file"] == "../../dist/pgfence-shim.sh"
+    env = svc["environment"]
+    assert env.get("FENCE_MODE", "strict") == "strict" and "FENCE_BACKEND" not in env
+    assert env["PATH"].split(":")[0] == "/newbin"
+    assert "{{.Node.Hostname}}" in svc["hostname"] and "FENCE_VARIABLE" not in env
 
 
 def test_swarm_config_injects_the_zipapp_as_postgres() -> None:

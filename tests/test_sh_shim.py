@@ -308,6 +308,8 @@ def test_bad_lock_paths_fail_closed(shim: Setup, setup: object, code: int, needl
         ({"FENCE_VARIABLE": "a\nb"}, "several lines"),
         ({"FENCE_VARIABLE": "db-1 "}, "white space"),
         ({"FENCE_VARIABLE": "x" * 256}, "longer than 255"),
+        ({"FENCE_VARIABLE": "db\t1"}, "control characters"),
+        ({"FENCE_VARIABLE": "db\x1b1"}, "control characters"),
         ({"FENCE_LOCK_FILE": ""}, "must name a file"),
         ({"FENCE_LOCK_FILE": "/tmp/dir/"}, "must name a file"),
         ({"FENCE_MODE": "lease"}, "only strict mode"),
