@@ -341,3 +341,16 @@ def test_runs_on_the_oldest_supported_python(pyz: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert imported.returncode == 0, imported.stderr
+
+
+def test_export_shim_from_the_zipapp(pyz: Path) -> None:
+    """The sh shim is read through the package's loader, so the zipapp prints it too."""
+    from_pyz = subprocess.run(
+        [SYSTEM_PYTHON, str(pyz), "export-shim"], capture_output=True, timeout=30
+    )
+    from_package = subprocess.run(
+        [os.path.join(BIN_DIR, "pgfence"), "export-shim"], capture_output=True, timeout=30
+    )
+    assert from_pyz.returncode == 0 == from_package.returncode, from_pyz.stderr
+    assert from_pyz.stdout == from_package.stdout
+    assert from_pyz.stdout.startswith(b"#!/bin/sh\n# pgfence-sh-shim ")

@@ -85,11 +85,15 @@ def _export_shim(args: Sequence[str]) -> int:
         return EXIT_OK
     if args:
         raise UsageError(f"`pgfence export-shim` takes no arguments, got {args[0]!r}")
-    import pkgutil
+    import pgfence
 
-    data = pkgutil.get_data("pgfence", "shim.sh")
-    if data is None:  # pragma: no cover (a broken installation)
-        raise PgfenceError("this installation of pgfence lacks its shim.sh")
+    # The package's loader reads it from a directory or from inside the zipapp alike.
+    path = os.path.join(os.path.dirname(pgfence.__file__ or ""), "shim.sh")
+    try:
+        data = getattr(pgfence.__loader__, "get_data")(path)  # noqa: B009
+        assert isinstance(data, bytes)
+    except (OSError, AttributeError):
+        raise PgfenceError(f"this installation of pgfence lacks {path}") from None
     sys.stdout.write(data.decode("utf-8").replace("@VERSION@", __version__))
     sys.stdout.flush()
     return EXIT_OK

@@ -445,13 +445,11 @@ def help_text(command: str) -> str:
 
 def format_rows(rows: Sequence[tuple[str, str]], indent: int = 2, column: int = 30) -> str:
     """Two columns, NAME and TEXT, wrapped to HELP_WIDTH; a long NAME gets its own line."""
-    import textwrap
-
     lines = []
     pad = " " * column
     for name, text in rows:
         head = " " * indent + name
-        body = textwrap.wrap(text, HELP_WIDTH - column, break_on_hyphens=False)
+        body = _wrap_words(text, HELP_WIDTH - column)
         if len(head) < column - 1:
             lines.append(head.ljust(column) + body[0])
             body = body[1:]
@@ -462,6 +460,18 @@ def format_rows(rows: Sequence[tuple[str, str]], indent: int = 2, column: int = 
 
 
 def wrap(text: str) -> str:
-    import textwrap
+    return "\n".join(_wrap_words(text, HELP_WIDTH))
 
-    return "\n".join(textwrap.wrap(text, HELP_WIDTH, break_on_hyphens=False))
+
+def _wrap_words(text: str, width: int) -> list[str]:
+    """Greedy word wrap (textwrap would be one more module to compile into the images);
+    a word longer than `width` stands alone on its line."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return [*lines, line] if line else lines

@@ -32,9 +32,19 @@ TMP_PREFIX = "pgfence-"
 
 
 def marker_name(location: str) -> str:
-    import hashlib
+    """A file name for `location`: readable, short enough for any filesystem, with a
+    checksum of the whole location. The file also holds the location, which readers
+    compare, so a collision could only make `check` unhealthy, never healthy."""
+    readable = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in location)
+    return f"{readable[-120:].lstrip('_')}.{_fnv1a(location):016x}"
 
-    return hashlib.sha256(location.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+def _fnv1a(text: str) -> int:
+    """64-bit FNV-1a: a stable checksum without importing hashlib (start-up cost)."""
+    value = 0xCBF29CE484222325
+    for byte in text.encode("utf-8", "surrogateescape"):
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
 
 
 def _directories(env: Mapping[str, str]) -> list[str]:
