@@ -101,6 +101,7 @@ def test_a_note_is_kept_off_other_users_files(
 ) -> None:
     monkeypatch.setattr(localholder, "RUN_DIR", str(tmp_path / "run" / "pgfence"))
     monkeypatch.setattr(localholder, "TMP_DIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(localholder, "SOCKET_DIR", str(tmp_path / "run" / "postgresql"))
     os.makedirs(tmp_path / "tmp")
     path = localholder.record("/v/fence_lock", "0123456789abcdef", {})
     assert path is not None and path.startswith(str(tmp_path / "run"))
@@ -120,6 +121,19 @@ def test_a_note_is_kept_off_other_users_files(
         tmp_path / "tmp" / f"pgfence-{os.geteuid()}" / localholder.marker_name("/w/fence_lock")
     )
     assert localholder.instances_here("/w/fence_lock", {}) == {"1111222233334444"}
+    # /tmp not writable either (a read-only root filesystem): PostgreSQL's socket
+    # directory, which must be writable for the server to run at all.
+    monkeypatch.setattr(localholder, "TMP_DIR", str(tmp_path / "not-a-directory"))
+    (tmp_path / "not-a-directory").write_text("")  # unwritable even for root
+    os.makedirs(tmp_path / "run" / "postgresql")
+    socket = localholder.record("/x/fence_lock", "5555666677778888", {})
+    assert socket is not None and "/run/postgresql/pgfence-" in socket
+    assert localholder.instances_here("/x/fence_lock", {}) == {"5555666677778888"}
+    # FENCE_RUNTIME_DIR is the operator's: any owner.
+    chosen = {"FENCE_RUNTIME_DIR": str(tmp_path / "chosen")}
+    assert localholder.record("/y/fence_lock", "9999aaaabbbbcccc", chosen) is not None
+    assert localholder.instances_here("/y/fence_lock", chosen) == {"9999aaaabbbbcccc"}
+    assert localholder.instances_here("/y/fence_lock", {}) == set()
 
 
 def test_healthz_needs_a_fresh_renewal(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,10 @@ by the lock's location, and `check` is healthy only where that file names the lo
 holder. A file left by an earlier run (a restart) names another instance: unhealthy,
 as it should be. Nothing here decides who holds the fence; it only answers health checks.
 
-Where: $FENCE_RUNTIME_DIR if set, else the first of /run/pgfence, $XDG_RUNTIME_DIR/pgfence
-and /tmp/pgfence-<uid> this user can write. `check` may run as another user than `run`
+Where: $FENCE_RUNTIME_DIR if set, else the first of /run/pgfence, $XDG_RUNTIME_DIR/pgfence,
+/tmp/pgfence-<uid> and /run/postgresql/pgfence-<uid> (PostgreSQL's socket directory in the
+official images: writable wherever the server runs, also on a read-only root filesystem
+with a tmpfs there) that this user can write. `check` may run as another user than `run`
 (a HEALTHCHECK as root, the shim as postgres), so it looks in all of them.
 """
 
@@ -28,7 +30,13 @@ if TYPE_CHECKING:
 
 RUN_DIR = "/run/pgfence"
 TMP_DIR = "/tmp"
+SOCKET_DIR = "/run/postgresql"
 TMP_PREFIX = "pgfence-"
+
+
+def _shared_bases() -> tuple[str, ...]:
+    """Directories every user may write, where each uid gets its own pgfence-<uid>."""
+    return (TMP_DIR, SOCKET_DIR)
 
 
 def marker_name(location: str) -> str:
@@ -55,7 +63,7 @@ def _directories(env: Mapping[str, str]) -> list[str]:
     runtime = env.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime):
         dirs.append(os.path.join(runtime, "pgfence"))
-    dirs.append(os.path.join(TMP_DIR, f"{TMP_PREFIX}{os.geteuid()}"))
+    dirs += [os.path.join(base, f"{TMP_PREFIX}{os.geteuid()}") for base in _shared_bases()]
     return dirs
 
 
@@ -63,11 +71,12 @@ def record(location: str, instance: str, env: Mapping[str, str]) -> str | None:
     """Note that `instance` holds `location` from here; the file's path, or None if no
     candidate directory could take it (then `check` reports unhealthy: fail safe)."""
     name = marker_name(location)
+    configured = bool(env.get("FENCE_RUNTIME_DIR"))
     for directory in _directories(env):
         try:
             os.makedirs(directory, mode=0o755, exist_ok=True)
             st = os.lstat(directory)
-            if st.st_uid != os.geteuid() or not os.path.isdir(directory):
+            if not os.path.isdir(directory) or (st.st_uid != os.geteuid() and not configured):
                 continue  # someone else's directory (e.g. planted in /tmp): not ours
             path = os.path.join(directory, name)
             temp = f"{path}.{os.getpid()}.tmp"
@@ -92,12 +101,14 @@ def record(location: str, instance: str, env: Mapping[str, str]) -> str | None:
 def instances_here(location: str, env: Mapping[str, str]) -> set[str]:
     """Instance ids that a `pgfence run` in this container noted for `location`."""
     found = set()
+    configured = bool(env.get("FENCE_RUNTIME_DIR"))
     for path in _candidates(location, env):
         try:
             st = os.lstat(path)
-            # Only a file its directory's owner wrote (root, or the uid a /tmp
-            # directory is named after) counts.
-            if not (st.st_uid == 0 or st.st_uid == os.lstat(os.path.dirname(path)).st_uid):
+            # Only a file its directory's owner wrote (root, or the uid a pgfence-<uid>
+            # directory is named after) counts; FENCE_RUNTIME_DIR is the operator's.
+            owner = os.lstat(os.path.dirname(path)).st_uid
+            if not (configured or st.st_uid in (0, owner)):
                 continue
             with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 instance, _, rest = f.read(4096).partition("\n")
@@ -110,26 +121,28 @@ def instances_here(location: str, env: Mapping[str, str]) -> set[str]:
 
 def _candidates(location: str, env: Mapping[str, str]) -> Iterator[str]:
     name = marker_name(location)
-    directories = _directories(env)
-    if len(directories) == 1:  # FENCE_RUNTIME_DIR
-        yield os.path.join(directories[0], name)
+    if env.get("FENCE_RUNTIME_DIR"):
+        yield os.path.join(_directories(env)[0], name)
         return
-    for directory in directories[:-1]:
-        yield os.path.join(directory, name)
-    try:
-        names = sorted(os.listdir(TMP_DIR))
-    except OSError:
-        names = []
-    for entry in names:
-        suffix = entry[len(TMP_PREFIX) :]
-        if entry.startswith(TMP_PREFIX) and suffix.isascii() and suffix.isdigit():
-            directory = os.path.join(TMP_DIR, entry)
-            try:
-                st = os.lstat(directory)
-            except OSError:
-                continue
-            if st.st_uid == int(suffix) and os.path.isdir(directory):
-                yield os.path.join(directory, name)
+    yield os.path.join(RUN_DIR, name)
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        yield os.path.join(runtime, "pgfence", name)
+    for base in _shared_bases():
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            continue
+        for entry in names:
+            suffix = entry[len(TMP_PREFIX) :]
+            if entry.startswith(TMP_PREFIX) and suffix.isascii() and suffix.isdigit():
+                directory = os.path.join(base, entry)
+                try:
+                    st = os.lstat(directory)
+                except OSError:
+                    continue
+                if st.st_uid == int(suffix) and os.path.isdir(directory):
+                    yield os.path.join(directory, name)
 
 
 class Recorded(Backend):
