@@ -289,6 +289,17 @@ create_lock() {
   rm -f "$temp"
   trap - EXIT
   [ "$won" = 1 ] || return 1
+  # A contender that lost (it saw no lock, then we linked first) may have stalled
+  # between reading the sidecar and replacing it, and left a lower number there; as
+  # the holder, raise it back (never lower it: a later holder may have written more).
+  recorded=$(cat "$lock.generation" 2>/dev/null) || recorded=0
+  case $recorded in '' | *[!0-9]*) recorded=0 ;; esac
+  if [ "${#recorded}" -le 18 ] && [ "$recorded" -lt "$generation" ]; then
+    gen_temp=$dir/.$name.$instance.$$.generation2.tmp
+    if (set -C && print_generation >"$gen_temp") 2>/dev/null; then
+      mv -f "$gen_temp" "$lock.generation" 2>/dev/null || rm -f "$gen_temp"
+    fi
+  fi
   sync "$dir" 2>/dev/null || sync
   say "acquired $lock as token '$token' (generation $generation; previously free);" \
     "strict mode, no heartbeat: release it with \`pgfence release --force\` after the" \
