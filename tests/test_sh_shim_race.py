@@ -103,3 +103,68 @@ def test_sh_shims_and_pgfence_race_for_a_free_lock(procs: Registry, tmp_path: Pa
     check_log(log, rounds)
     # Generations never repeat whoever wins: one per round.
     assert read_text(lock + ".generation").strip() == str(rounds)
+
+
+@pytest.mark.timeout(120)
+def test_same_token_shims_create_the_lock_once(procs: Registry, tmp_path: Path) -> None:
+    """The script's rule lets every contender with the holder's token start (it means
+    "the same container, restarted"), but exactly one of them creates the lock."""
+    fifo = str(tmp_path / "barrier")
+    os.mkfifo(fifo)
+    lock = str(tmp_path / "fence_lock")
+    path = shim_bin(tmp_path, "dash")
+    contenders = []
+    for i in range(CONTENDERS):
+        with open(tmp_path / f"err-{i}", "wb") as err:
+            argv = [
+                "sh",
+                "-c",
+                BARRIER,
+                fifo,
+                "postgres",
+                "0",
+                str(tmp_path / "log"),
+                str(tmp_path / "go"),
+            ]
+            env = clean_env(PATH=path, FENCE_LOCK_FILE=lock, FENCE_VARIABLE="db-1")
+            contenders.append(procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
+    write_file(str(tmp_path / "go"), b"")
+    release_all(fifo, contenders)
+    assert [p.wait(timeout=60) for p in contenders] == [0] * CONTENDERS
+    errors = [read_text(str(tmp_path / f"err-{i}")) for i in range(CONTENDERS)]
+    assert sum("acquired" in e for e in errors) == 1, errors
+    assert read_text(lock + ".generation") == "1\n"
+
+
+@pytest.mark.timeout(120)
+def test_negative_control_check_then_write_lets_several_start(
+    procs: Registry, tmp_path: Path
+) -> None:
+    """The race above can see a broken shim: with check-then-copy in place of the hard
+    link, several contenders of one round start."""
+    broken = SHIM_TEXT.replace(
+        'if ln "$temp" "$lock" 2>/dev/null; then',
+        'if [ ! -e "$lock" ] && sleep 0.1 && cp "$temp" "$lock"; then',
+    )
+    assert broken != SHIM_TEXT
+    fifo = str(tmp_path / "barrier")
+    os.mkfifo(fifo)
+    lock = str(tmp_path / "fence_lock")
+    path = shim_bin(tmp_path, "dash")
+    write_file(
+        str(tmp_path / "dash-newbin" / "postgres"),
+        broken.replace("#!/bin/sh", "#!/bin/dash", 1).encode(),
+    )
+    log = str(tmp_path / "log")
+    contenders = []
+    for i in range(CONTENDERS):
+        argv = ["sh", "-c", BARRIER, fifo, "postgres", "0", log, str(tmp_path / "go")]
+        env = clean_env(PATH=path, FENCE_LOCK_FILE=lock, FENCE_VARIABLE=f"db-{i}")
+        contenders.append(
+            procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+    release_all(fifo, contenders)
+    wait_for(lambda: read_text(log).count("start") >= 2, "a second contender to start")
+    write_file(str(tmp_path / "go"), b"")
+    for p in contenders:
+        p.wait(timeout=60)
