@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pgfence import __version__, log
 from pgfence.backends.base import Backend, LockState
-from pgfence.config import COMMAND_OPTIONS, Settings, help_text, parse_args, resolve
+from pgfence.config import COMMAND_OPTIONS, Settings, parse_args, resolve
 from pgfence.errors import (
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _guard(lambda: _export_shim(args[1:]))
     if _asks_for_help(command, args[1:]):
         tail = " -- COMMAND [ARG...]" if command == "run" else ""
+        from pgfence.helptext import help_text
+
         print(f"usage: pgfence {command} [OPTIONS]{tail}")
         print(help_text(command))
         return EXIT_OK
@@ -78,35 +80,9 @@ def _unknown_command(command: str) -> UsageError:
 
 
 def _export_shim(args: Sequence[str]) -> int:
-    """Print the POSIX sh shim (for images without Python) on stdout."""
-    if args in (["-h"], ["--help"]):
-        print("usage: pgfence export-shim > postgres")
-        print(EXPORT_SHIM_HELP)
-        return EXIT_OK
-    if args:
-        raise UsageError(f"`pgfence export-shim` takes no arguments, got {args[0]!r}")
-    import pgfence
+    from pgfence import exportshim
 
-    # The package's loader reads it from a directory or from inside the zipapp alike.
-    path = os.path.join(os.path.dirname(pgfence.__file__ or ""), "shim.sh")
-    try:
-        data = getattr(pgfence.__loader__, "get_data")(path)  # noqa: B009
-        assert isinstance(data, bytes)
-    except (OSError, AttributeError):
-        raise PgfenceError(f"this installation of pgfence lacks {path}") from None
-    sys.stdout.write(data.decode("utf-8").replace("@VERSION@", __version__))
-    sys.stdout.flush()
-    return EXIT_OK
-
-
-EXPORT_SHIM_HELP = """\
-Prints a POSIX sh fencing shim for images without Python. Mount it at
-/newbin/postgres (mode 0555), first on PATH: it takes FENCE_LOCK_FILE as
-token FENCE_VARIABLE (default $HOSTNAME), strict mode, and execs the real
-postgres. It has no heartbeat and nothing releases its lock: after the server
-has stopped for good, run `pgfence release --force`.
-Exit codes: 0 printed, 64 usage. The shim's own: 64 usage, 65 unreadable lock,
-73 fenced out, 74 storage error, 127 no real postgres."""
+    return exportshim.main(args, print)
 
 
 def _asks_for_help(command: str, args: Sequence[str]) -> bool:

@@ -86,7 +86,7 @@ def main(args: Sequence[str], emit: Callable[[str], None] | None = None) -> int:
     """Run one participant; `emit` receives the report's lines (cli.py passes print)."""
     out = emit or (lambda line: log.event("verify_fs", line))
     if any(a in ("-h", "--help") for a in args):
-        from pgfence.config import format_rows, wrap
+        from pgfence.helptext import format_rows, wrap
 
         out(USAGE)
         rows = [(o.flag + (f" {o.metavar}" if o.metavar else ""), o.help) for o in OPTIONS]
