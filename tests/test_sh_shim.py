@@ -369,18 +369,19 @@ def test_nfs_link_reply_lost_but_link_made(shim: Setup) -> None:
     assert sorted(os.listdir(shim.data)) == ["fence_lock", "fence_lock.generation"]
 
 
-def test_holder_raises_a_generation_a_stalled_loser_lowered(shim: Setup) -> None:
-    """A contender that saw no lock, read the sidecar long ago and replaced it only after
-    we linked leaves a lower number; the holder raises it back to its own."""
+def test_generation_not_recorded_means_no_start(shim: Setup) -> None:
+    """The holder records its generation before the server starts; if it cannot, it
+    gives the lock back and exits 74, so no server runs under an unrecorded generation."""
     write_file(f"{shim.lock}.generation", b"5\n")
-    late = shim.bin_dir("late")
-    script = f'#!/bin/sh\n/bin/ln "$@" && echo 2 > {shim.lock}.generation\n'
-    write_file(os.path.join(late, "ln"), script.encode())
-    os.chmod(os.path.join(late, "ln"), 0o755)
-    result = shim.postgres(env=shim.env(path=[shim.shim_dir, late, shim.real_dir]))
-    assert result.returncode == 0, result.stderr
-    assert shim.holder().record.generation == 6  # type: ignore[attr-defined]
-    assert read_text(f"{shim.lock}.generation") == "6\n"
+    broken = shim.bin_dir("broken-mv")
+    write_file(os.path.join(broken, "mv"), b"#!/bin/sh\nexit 1\n")
+    os.chmod(os.path.join(broken, "mv"), 0o755)
+    result = shim.postgres(env=shim.env(path=[shim.shim_dir, broken, shim.real_dir]))
+    assert result.returncode == 74
+    assert_one_line_error(result.stderr, "gave the lock back")
+    assert not os.path.exists(shim.out) and not os.path.exists(shim.lock)
+    assert read_text(f"{shim.lock}.generation") == "5\n"
+    assert sorted(os.listdir(shim.data)) == ["fence_lock.generation"]
 
 
 def test_link_impossible_is_a_storage_error(shim: Setup) -> None:

@@ -16,9 +16,11 @@ from harness.procs import Registry
 from test_race import BARRIER, CHILD, CONTENDERS, check_log, release_all
 from test_sh_shim import SHELLS, SHIM_TEXT, TOOLS
 
-# The real postgres of the shim's contenders: the same start/end log lines as CHILD.
-assert "'" not in CHILD
-REAL_POSTGRES = f"#!/bin/sh\nexec sh -c '{CHILD}' \"$@\"\n"
+# The winner's command: CHILD's start/end log lines, after noting the generation it holds.
+WINNER = 'echo "${PGFENCE_GENERATION:-none}" >> "$1.generations"; ' + CHILD
+# The real postgres of the shim's contenders runs the same.
+assert "'" not in WINNER
+REAL_POSTGRES = f"#!/bin/sh\nexec sh -c '{WINNER}' \"$@\"\n"
 
 
 def shim_bin(tmp: Path, shell: str) -> str:
@@ -38,6 +40,16 @@ def shim_bin(tmp: Path, shell: str) -> str:
     return ":".join(map(str, (newbin, tools, real, "/usr/bin", "/bin")))
 
 
+def check_generations(log: str, lock: str, rounds: int) -> None:
+    """One generation per round, each larger than the last: a fencing token never
+    repeats. (Before only holders wrote <lock>.generation, a shim that lost a round and
+    stalled could lower it, and a later round repeated a generation: this caught it.)"""
+    generations = [int(g) for g in read_text(f"{log}.generations").split()]
+    assert len(generations) == rounds
+    assert all(a < b for a, b in zip(generations, generations[1:])), generations
+    assert int(read_text(f"{lock}.generation")) >= generations[-1]
+
+
 def play_round(
     procs: Registry, tmp: Path, round_no: int, lock: str, kinds: list[str], log: str
 ) -> None:
@@ -48,7 +60,7 @@ def play_round(
         token = f"db-{i}"
         if kind == "pgfence":
             argv = ["sh", "-c", BARRIER, fifo, PGFENCE, "run", "--lock-file", lock]
-            argv += ["--token", token, *FAST, "--", "sh", "-c", CHILD, str(round_no), log, go]
+            argv += ["--token", token, *FAST, "--", "sh", "-c", WINNER, str(round_no), log, go]
             env = clean_env()
         else:
             argv = ["sh", "-c", BARRIER, fifo, "postgres", str(round_no), log, go]
@@ -87,7 +99,7 @@ def test_sh_shims_race_for_a_free_lock(procs: Registry, tmp_path: Path, shell: s
     for round_no in range(rounds):
         play_round(procs, tmp_path, round_no, lock, [shell] * CONTENDERS, log)
     check_log(log, rounds)
-    assert read_text(lock + ".generation").strip() == str(rounds)
+    check_generations(log, lock, rounds)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
 
 
@@ -101,8 +113,7 @@ def test_sh_shims_and_pgfence_race_for_a_free_lock(procs: Registry, tmp_path: Pa
     for round_no in range(rounds):
         play_round(procs, tmp_path, round_no, lock, kinds, log)
     check_log(log, rounds)
-    # Generations never repeat whoever wins: one per round.
-    assert read_text(lock + ".generation").strip() == str(rounds)
+    check_generations(log, lock, rounds)  # whoever wins
 
 
 @pytest.mark.timeout(120)

@@ -3,7 +3,8 @@
 #
 # Mounted at /newbin/postgres, first on PATH (e.g. a Swarm config with mode 0555), it
 # takes the lock file and then execs the real postgres found further down PATH:
-#   no lock               take it (a complete temp file, hard-linked into place) and start
+#   no lock               take it (a complete temp file, hard-linked into place), record
+#                         its generation in <lock>.generation, and start
 #   lock of another token exit 73
 #   lock of this token    start, if it is a one-line lock or one this shim wrote (the shell
 #                         script's rule); exit 73 if a pgfence that heartbeats wrote it
@@ -267,15 +268,8 @@ create_lock() {
   read_generation
   new_instance
   temp=$dir/.$name.$instance.$$.tmp
-  gen_temp=$dir/.$name.$instance.$$.generation.tmp
-  trap 'rm -f "$temp" "$gen_temp"' EXIT
+  trap 'rm -f "$temp"' EXIT
   write_temp "$temp" record
-  # The next generation is recorded before the lock can exist, so no crash can make
-  # two holders share one.
-  write_temp "$gen_temp" print_generation
-  if ! mv -f "$gen_temp" "$lock.generation" 2>/dev/null; then
-    die 74 "cannot replace $lock.generation (check the owner and mode of $dir)"
-  fi
   won=0
   if ln "$temp" "$lock" 2>/dev/null; then
     won=1
@@ -289,23 +283,39 @@ create_lock() {
   rm -f "$temp"
   trap - EXIT
   [ "$won" = 1 ] || return 1
-  # A contender that lost (it saw no lock, then we linked first) may have stalled
-  # between reading the sidecar and replacing it, and left a lower number there; as
-  # the holder, raise it back (never lower it: a later holder may have written more).
-  recorded=$(cat "$lock.generation" 2>/dev/null) || recorded=0
-  case $recorded in '' | *[!0-9]*) recorded=0 ;; esac
-  if [ "${#recorded}" -le 18 ] && [ "$recorded" -lt "$generation" ]; then
-    gen_temp=$dir/.$name.$instance.$$.generation2.tmp
-    if (set -C && print_generation >"$gen_temp") 2>/dev/null; then
-      mv -f "$gen_temp" "$lock.generation" 2>/dev/null || rm -f "$gen_temp"
-    fi
-  fi
+  record_generation
   sync "$dir" 2>/dev/null || sync
   say "acquired $lock as token '$token' (generation $generation; previously free);" \
     "strict mode, no heartbeat: release it with \`pgfence release --force\` after the" \
     "server has stopped"
   export PGFENCE_GENERATION="$generation" PGFENCE_INSTANCE="$instance"
   return 0
+}
+
+# Only the holder writes <lock>.generation, as pgfence does, and before its server
+# starts. A contender writing it before linking would be unsafe: one that lost, and
+# stalled between reading and replacing the file, would put back a lower number than
+# the winner's, and a later holder would repeat the winner's generation. If the write
+# fails, the lock is given back and no server starts: no server ever runs under a
+# generation the file does not record.
+record_generation() {
+  recorded=$(cat "$lock.generation" 2>/dev/null) || recorded=0
+  case $recorded in '' | *[!0-9]*) recorded=0 ;; esac
+  if [ "${#recorded}" -le 18 ] && [ "$recorded" -ge "$generation" ]; then
+    return 0 # a newer holder wrote more meanwhile (a takeover under the same token)
+  fi
+  gen_temp=$dir/.$name.$instance.$$.generation.tmp
+  if (set -C && print_generation >"$gen_temp") 2>/dev/null \
+    && { sync "$gen_temp" 2>/dev/null || sync; } \
+    && mv -f "$gen_temp" "$lock.generation" 2>/dev/null; then
+    return 0
+  fi
+  rm -f "$gen_temp"
+  if grep -qx "instance=$instance" "$lock" 2>/dev/null; then
+    rm -f "$lock"
+  fi
+  die 74 "cannot record the generation in $lock.generation (check the owner and mode of" \
+    "$dir, and free space); gave the lock back, not starting"
 }
 
 # -- main -------------------------------------------------------------------------------
