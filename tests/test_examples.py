@@ -5,7 +5,11 @@ has the fields docs/install.md lists."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +80,10 @@ def test_postgres_stops_fast_with_time_to_release(path: Path) -> None:
     assert svc["stop_signal"] == "SIGINT"
     assert seconds(svc["stop_grace_period"]) > DEFAULT_TTL  # fast shutdown and release
     health = svc["healthcheck"]
-    assert health["test"] == ["CMD", "pgfence", "check"]
+    if path.name == "stack.sh-shim.yaml":  # no Python in the image, so no pgfence check
+        assert health["test"] == ["CMD", "pg_isready", "-q"]
+    else:
+        assert health["test"] == ["CMD", "pgfence", "check"]
     assert seconds(health["start_period"]) > TAKEOVER
 
 
@@ -124,6 +131,20 @@ def test_stack_runs_one_task_that_stops_before_the_next_starts(path: Path) -> No
     assert "node.labels.postgres == true" in deploy["placement"]["constraints"]
 
 
+def test_sh_shim_stack_runs_the_official_image_in_strict_mode() -> None:
+    path = EXAMPLES / "swarm" / "stack.sh-shim.yaml"
+    doc = load(path)
+    svc = service(path)
+    assert svc["image"].startswith("postgres:")  # the unchanged official image
+    [config] = svc["configs"]
+    assert (config["target"], config["mode"]) == ("/newbin/postgres", 0o555)
+    assert doc["configs"][config["source"]]["file"] == "../../dist/pgfence-shim.sh"
+    env = svc["environment"]
+    assert env.get("FENCE_MODE", "strict") == "strict" and "FENCE_BACKEND" not in env
+    assert env["PATH"].split(":")[0] == "/newbin"
+    assert "{{.Node.Hostname}}" in svc["hostname"] and "FENCE_VARIABLE" not in env
+
+
 def test_swarm_config_injects_the_zipapp_as_postgres() -> None:
     path = EXAMPLES / "swarm" / "stack.shim-config.yaml"
     doc = load(path)
@@ -155,12 +176,51 @@ def test_kubernetes_manifest_has_what_the_docs_promise() -> None:
     [mount] = container["volumeMounts"]
     assert mount["mountPath"] == env["FENCE_LOCK_FILE"]["value"].rsplit("/", 1)[0]
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command == ["pgfence", "check"] or "pgfence check" in command[-1], probe
-    startup = container["startupProbe"]
+    # pgfence fences itself: no probe that restarts the container (a slow disk, a long
+    # recovery or a wait for the lease would restart a healthy server or the wait).
+    assert "livenessProbe" not in container and "startupProbe" not in container
+    assert "pgfence check" in container["readinessProbe"]["exec"]["command"][-1]
+    # Evicted 30 s after its node is lost, not the default 300 s.
+    tolerated = {t["key"]: t for t in pod["tolerations"]}
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+        assert tolerated[key]["effect"] == "NoExecute"
+        assert 20 <= tolerated[key]["tolerationSeconds"] <= 40
     timings = Timings.lease(ttl)
-    assert startup["periodSeconds"] * startup["failureThreshold"] > timings.ttl + timings.lock_delay
+    assert timings.deadline is not None
+    assert timings.deadline < tolerated["node.kubernetes.io/unreachable"]["tolerationSeconds"]
+    resources = container["resources"]
+    assert resources["requests"]["memory"] and resources["requests"]["cpu"]
+    assert "cpu" not in resources.get("limits", {})  # throttling would delay renewals
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = docs["Service"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container["ports"]}
+    budget = docs["PodDisruptionBudget"]
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert "pg_ctl stop" in container["lifecycle"]["preStop"]["exec"]["command"][-1]
     port = env["FENCE_METRICS_ADDRESS"]["value"].rsplit(":", 1)[1]
     assert int(port) in {p["containerPort"] for p in container["ports"]}
+
+
+KUBERNETES_VALIDATE = shutil.which("kubernetes-validate") or os.path.join(
+    os.path.dirname(sys.executable), "kubernetes-validate"
+)
+
+
+@pytest.mark.skipif(not os.path.exists(KUBERNETES_VALIDATE), reason="kubernetes-validate missing")
+def test_kubernetes_manifest_validates_strictly(tmp_path: Path) -> None:
+    def validate(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [KUBERNETES_VALIDATE, "--strict", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    result = validate(MANIFEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("passed") == 4, result.stdout
+    # Negative control: a misspelt field fails strict validation.
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(MANIFEST.read_text().replace("tolerationSeconds", "tolerationSecond", 1))
+    assert validate(broken).returncode != 0

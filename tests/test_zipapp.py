@@ -7,6 +7,7 @@ The PATH given to every run starts with /usr/bin, so the shebang finds Debian's 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -32,15 +33,28 @@ pytestmark = [
 ]
 
 
-def build(output: Path) -> Path:
+def build(output: Path, python: str = SYSTEM_PYTHON, **env: str) -> Path:
     proc = subprocess.run(
-        [SYSTEM_PYTHON, str(BUILD), "--output", str(output)],
+        [python, str(BUILD), "--output", str(output)],
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
     return output
+
+
+def other_pythons() -> list[str]:
+    """Every Python 3.9+ on this machine besides the system one (a version manager's)."""
+    import glob
+
+    found = []
+    for path in sorted(glob.glob("/root/.pyenv/versions/3.*/bin/python3")):
+        minor = int(path.split("/versions/3.")[1].split(".")[0])
+        if minor >= 9 and os.access(path, os.X_OK):
+            found.append(path)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +92,11 @@ def test_build_is_small_reproducible_and_sources_only(pyz: Path, tmp_path: Path)
     assert data.startswith(b"#!/usr/bin/env python3\n")
     assert os.stat(pyz).st_mode & 0o777 == 0o555
     assert build(tmp_path / "again.pyz").read_bytes() == data
+    # Its checksum is published next to it, in `sha256sum` format.
+    checksum = Path(f"{pyz}.sha256").read_text()
+    assert checksum == f"{hashlib.sha256(data).hexdigest()}  {pyz.name}\n"
+    check = subprocess.run(["sha256sum", "-c", f"{pyz.name}.sha256"], cwd=pyz.parent, timeout=30)
+    assert check.returncode == 0
     with zipfile.ZipFile(pyz) as archive:
         names = archive.namelist()
     assert "__main__.py" in names
@@ -85,6 +104,56 @@ def test_build_is_small_reproducible_and_sources_only(pyz: Path, tmp_path: Path)
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
     # A copy of the pyz elsewhere on PATH is recognised as pgfence, never run as postgres.
     assert shim._is_pgfence(str(pyz))
+
+
+def test_build_is_byte_identical_whatever_tmpdir_umask_and_source_times(
+    pyz: Path, tmp_path: Path
+) -> None:
+    """Nothing of the build machine's state ends up in the archive."""
+    elsewhere = tmp_path / "tmp"
+    elsewhere.mkdir()
+    source = ROOT / "src" / "pgfence" / "clock.py"
+    stat = source.stat()
+    os.utime(source, (stat.st_atime, stat.st_mtime + 12345))  # a fresh checkout's times
+    try:
+        other = subprocess.run(
+            [
+                "sh",
+                "-c",
+                'umask 077 && exec "$@"',
+                "sh",
+                SYSTEM_PYTHON,
+                str(BUILD),
+                "--output",
+                str(tmp_path / "b.pyz"),
+            ],
+            env={**os.environ, "TMPDIR": str(elsewhere)},
+            capture_output=True,
+            timeout=60,
+        )
+    finally:
+        os.utime(source, (stat.st_atime, stat.st_mtime))
+    assert other.returncode == 0, other.stderr
+    assert (tmp_path / "b.pyz").read_bytes() == pyz.read_bytes()
+    assert list(elsewhere.iterdir()) == []  # no staging directory at all
+    with zipfile.ZipFile(pyz) as archive:
+        infos = archive.infolist()
+    assert [i.filename for i in infos] == sorted(i.filename for i in infos)
+    assert {i.date_time for i in infos} == {(1980, 1, 2, 0, 0, 0)}
+    assert {i.external_attr >> 16 for i in infos} == {0o100644}
+    assert not [i for i in infos if i.is_dir()]
+    # SOURCE_DATE_EPOCH sets every entry's time, and only that changes.
+    dated = build(tmp_path / "dated.pyz", SOURCE_DATE_EPOCH="1767225600")  # 2026-01-01
+    with zipfile.ZipFile(dated) as archive:
+        assert {i.date_time for i in archive.infolist()} == {(2026, 1, 1, 0, 0, 0)}
+        assert archive.read("pgfence/cli.py") == (ROOT / "src/pgfence/cli.py").read_bytes()
+
+
+@pytest.mark.skipif(not other_pythons(), reason="no other Python 3.9+ on this machine")
+def test_build_is_byte_identical_on_every_python(pyz: Path, tmp_path: Path) -> None:
+    for python in other_pythons():
+        other = build(tmp_path / f"{Path(python).parent.parent.name}.pyz", python)
+        assert other.read_bytes() == pyz.read_bytes(), python
 
 
 def test_runs_as_pgfence_with_system_python(pyz: Path, tmp_path: Path) -> None:
@@ -272,3 +341,16 @@ def test_runs_on_the_oldest_supported_python(pyz: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert imported.returncode == 0, imported.stderr
+
+
+def test_export_shim_from_the_zipapp(pyz: Path) -> None:
+    """The sh shim is read through the package's loader, so the zipapp prints it too."""
+    from_pyz = subprocess.run(
+        [SYSTEM_PYTHON, str(pyz), "export-shim"], capture_output=True, timeout=30
+    )
+    from_package = subprocess.run(
+        [os.path.join(BIN_DIR, "pgfence"), "export-shim"], capture_output=True, timeout=30
+    )
+    assert from_pyz.returncode == 0 == from_package.returncode, from_pyz.stderr
+    assert from_pyz.stdout == from_package.stdout
+    assert from_pyz.stdout.startswith(b"#!/bin/sh\n# pgfence-sh-shim ")

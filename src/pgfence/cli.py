@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pgfence import __version__, log
 from pgfence.backends.base import Backend, LockState
-from pgfence.config import COMMAND_OPTIONS, Settings, help_text, parse_args, resolve
+from pgfence.config import COMMAND_OPTIONS, Settings, parse_args, resolve
 from pgfence.errors import (
     EXIT_NOT_FOUND,
     EXIT_OK,
@@ -20,18 +20,19 @@ from pgfence.errors import (
     PgfenceError,
     UsageError,
 )
-from pgfence.record import LegacyLock
+from pgfence.record import LegacyLock, LockRecord, ShimLock
 
 USAGE = """\
-usage: pgfence run [OPTIONS] -- COMMAND [ARG...]   start COMMAND while holding the fence
-       pgfence status [OPTIONS] [--json]           who holds the fence, and is it alive
-       pgfence release [OPTIONS] [--force]         clear a lock left by a dead holder
-       pgfence check [OPTIONS]                     health check: 0 if we hold it, else 1
-       pgfence verify-fs DIR [OPTIONS]             test a shared directory's semantics
-       pgfence COMMAND --help                      options of one command
-Installed as `postgres` first on PATH, it fences the real postgres found further down.
-Exit codes: 64 usage, 65 unreadable lock, 73 fenced out, 74 storage error, 75 fence lost;
-otherwise the command's own status (128+N when killed by signal N)."""
+usage: pgfence run [OPTIONS] -- COMMAND [ARG...]  run COMMAND holding the fence
+       pgfence status [OPTIONS] [--json]          who holds the fence; alive?
+       pgfence release [OPTIONS] [--force]        clear a dead holder's lock
+       pgfence check [OPTIONS]                    health: 0 if held here, else 1
+       pgfence verify-fs DIR [OPTIONS]            test a shared directory
+       pgfence export-shim                        print the sh shim (no Python)
+       pgfence COMMAND --help                     its options and exit codes
+Installed as `postgres` first on PATH, it fences the real postgres found further
+down. Exit codes: 64 usage, 65 unreadable lock, 73 fenced out, 74 storage error,
+75 fence lost; otherwise the command's own status (128+N: killed by signal N)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -52,26 +53,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pgfence {__version__}")
         return EXIT_OK
     command = args[0]
-    if command not in (*COMMAND_OPTIONS, "verify-fs"):
-        return _guard(
-            lambda: _fail(
-                UsageError(
-                    f"unknown command {command!r}; expected one of: {', '.join(COMMAND_OPTIONS)}"
-                )
-            )
-        )
+    if command not in COMMANDS:
+        return _guard(lambda: _fail(_unknown_command(command)))
     if command == "verify-fs":
         from pgfence import verifyfs
 
         return _guard(lambda: verifyfs.main(args[1:], print))
+    if command == "export-shim":
+        return _guard(lambda: _export_shim(args[1:]))
     if _asks_for_help(command, args[1:]):
         tail = " -- COMMAND [ARG...]" if command == "run" else ""
+        from pgfence.helptext import help_text
+
         print(f"usage: pgfence {command} [OPTIONS]{tail}")
         print(help_text(command))
         return EXIT_OK
     if command == "check":
         return _check(args[1:])
     return _guard(lambda: _dispatch(command, args[1:]))
+
+
+COMMANDS = (*COMMAND_OPTIONS, "verify-fs", "export-shim")
+
+
+def _unknown_command(command: str) -> UsageError:
+    return UsageError(
+        f"unknown command {command!r}; expected one of: {', '.join(COMMANDS)} "
+        "(see `pgfence --help`)"
+    )
+
+
+def _export_shim(args: Sequence[str]) -> int:
+    from pgfence import exportshim
+
+    return exportshim.main(args, print)
 
 
 def _asks_for_help(command: str, args: Sequence[str]) -> bool:
@@ -162,7 +177,13 @@ def _run(settings: Settings, command: list[str]) -> int:
     # the lock's; all filesystems (sync) when the data directory is not known.
     lock_dir = [os.path.dirname(settings.lock_file)] if settings.backend == "file" else []
     flush_dirs = filesystems([data_dir, *lock_dir]) if data_dir else []
-    metrics = Metrics(settings.backend, settings.timings.mode, settings.timings.deadline)
+    backend = _noted_here(backend)
+    metrics = Metrics(
+        settings.backend,
+        settings.timings.mode,
+        settings.timings.deadline,
+        settings.timings.interval,
+    )
     # Forked before any thread exists (see guardian.py); PID 1 needs none: the kernel
     # kills its whole namespace with it.
     guardian = None if os.getpid() == 1 else Guardian(flush_dirs, flush_bound(settings.timings))
@@ -212,6 +233,14 @@ def _watchdog_plan(settings: Settings) -> tuple[str, int] | None:
         )
         return None
     return settings.watchdog_device, timeout
+
+
+def _noted_here(backend: Backend) -> Backend:
+    """`backend`, noting the instance of each fence it acquires in a file local to this
+    container, for `check` (see localholder.py)."""
+    from pgfence.localholder import Recorded
+
+    return Recorded(backend, os.environ)
 
 
 def fence_environment(settings: Settings) -> dict[str, str]:
@@ -282,8 +311,7 @@ def _status(settings: Settings) -> int:
 
         described = None
         if holder is not None:
-            kind = "legacy" if isinstance(holder, LegacyLock) else "pgfence"
-            described = {**holder.as_dict(), "format": kind}
+            described = _holder_json(holder)
         age = state.heartbeat_age
         print(
             json.dumps(
@@ -306,6 +334,9 @@ def _status(settings: Settings) -> int:
         return EXIT_OK
     print("state:       held")
     print(f"holder:      {holder.token}" + ("  (this token)" if state.ours else ""))
+    if isinstance(holder, ShimLock):
+        _print_shim_lock(holder)
+        return EXIT_OK
     if isinstance(holder, LegacyLock):
         print("format:      one-line lock (no heartbeat, no instance)")
         return EXIT_OK
@@ -315,6 +346,24 @@ def _status(settings: Settings) -> int:
     print(f"taken at:    {holder.acquired_at} (holder's wall clock)")
     print(f"heartbeat:   #{holder.heartbeat}, {_liveness(state)}")
     return EXIT_OK
+
+
+def _holder_json(holder: LegacyLock | LockRecord) -> dict[str, object]:
+    """`status --json`'s holder: the record's fields and its format (legacy: one line;
+    shim: written by the POSIX sh shim, never renewed; pgfence)."""
+    if isinstance(holder, ShimLock):
+        return {**holder.record.as_dict(), "format": "shim"}
+    if isinstance(holder, LegacyLock):
+        return {**holder.as_dict(), "format": "legacy"}
+    return {**holder.as_dict(), "format": "pgfence"}
+
+
+def _print_shim_lock(holder: ShimLock) -> None:
+    record = holder.record
+    print("format:      sh shim lock (strict, no heartbeat: nothing releases it)")
+    print(f"instance:    {record.instance} (pid {record.pid} on {record.host})")
+    print(f"generation:  {record.generation}")
+    print(f"taken at:    {record.acquired_at} (holder's wall clock)")
 
 
 def _liveness(state: LockState) -> str:
@@ -334,6 +383,23 @@ def _liveness(state: LockState) -> str:
 def _release(settings: Settings) -> int:
     print(_backend(settings).release(settings.force, _operator_sleep))
     return EXIT_OK
+
+
+def _held_elsewhere(state: LockState) -> str | None:
+    """Why the fence, held under our token, is not held from this container; None if a
+    `pgfence run` here holds it. Same-token contenders (a Swarm hostname template gives
+    every task one hostname) are told apart by the holder's instance id."""
+    from pgfence.localholder import instances_here
+
+    holder = state.holder
+    assert isinstance(holder, LockRecord)
+    if holder.instance in instances_here(state.location, os.environ):
+        return None
+    return (
+        f"{state.location} is held by instance {holder.instance} of token "
+        f"{holder.token!r}, not by a pgfence run in this container (none runs here, or it "
+        "waits for the lock)"
+    )
 
 
 def _check(args: Sequence[str]) -> int:
@@ -357,6 +423,10 @@ def _check(args: Sequence[str]) -> int:
             f"unhealthy: we hold {state.location} but its heartbeat is not fresh "
             f"({_liveness(state)})"
         )
+        return EXIT_UNHEALTHY
+    elsewhere = _held_elsewhere(state)
+    if elsewhere:
+        print(f"unhealthy: {elsewhere}")
         return EXIT_UNHEALTHY
     print(f"healthy: holding {state.location}, heartbeat {_liveness(state)}")
     return EXIT_OK

@@ -365,14 +365,13 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     backend = choice("backend", "file", ("file", "etcd"))
     # An etcd key lives only as long as its lease: lease mode is that backend's default.
     mode = choice("mode", "lease" if backend == "etcd" else "strict", ("strict", "lease"))
-    if mode == "lease":
-        ttl = seconds("ttl", DEFAULT_TTL, MIN_TTL)
-        assert ttl is not None
-        timings = Timings.lease(ttl, seconds("lock_delay", None, 0.0))
-    else:
-        interval = seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL, 0.1)
-        assert interval is not None
-        timings = Timings.strict(interval)
+    # Every value is checked whatever the mode: a typo in a setting the current mode
+    # ignores would otherwise surface only on the day someone switches modes.
+    ttl = seconds("ttl", DEFAULT_TTL, MIN_TTL)
+    lock_delay = seconds("lock_delay", None, 0.0)
+    interval = seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL, 0.1)
+    assert ttl is not None and interval is not None
+    timings = Timings.lease(ttl, lock_delay) if mode == "lease" else Timings.strict(interval)
     drain_grace = seconds("drain_grace", DEFAULT_DRAIN_GRACE, 0.0)
     assert drain_grace is not None
     lock_file, _ = raw("lock_file")
@@ -434,14 +433,3 @@ def _lock_file(value: str | bool | None) -> str:
             f"lock file path {path!r} must name a file; fix FENCE_LOCK_FILE or --lock-file"
         )
     return os.path.abspath(path)
-
-
-def help_text(command: str) -> str:
-    lines = []
-    for option in COMMAND_OPTIONS[command]:
-        name = option.flag + (f" {option.metavar}" if option.metavar else "")
-        if option.negative:
-            name += f", {option.negative}"
-        env = f" [{option.env}]" if option.env else ""
-        lines.append(f"  {name:34} {option.help}{env}")
-    return "\n".join(lines)

@@ -12,10 +12,17 @@ from pgfence.errors import UsageError
 
 
 class Metrics:
-    def __init__(self, backend: str, mode: str, deadline: float | None) -> None:
+    def __init__(
+        self, backend: str, mode: str, deadline: float | None, interval: float = 2.0
+    ) -> None:
         self.backend = backend
         self.mode = mode
         self.deadline = deadline
+        # /healthz: a heartbeat is fresh as `check` judges it (two intervals and a
+        # second), and in lease mode never older than the self-fence deadline.
+        self.fresh_within = 2 * interval + 1.0
+        if deadline is not None:
+            self.fresh_within = min(self.fresh_within, deadline)
         self.holding = 0
         self.generation = 0
         self.last_renewal: float | None = None  # monotonic start of the last good renewal
@@ -45,6 +52,18 @@ class Metrics:
 
     def released(self) -> None:
         self.holding = 0
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): holding the fence with a fresh heartbeat, as `check` says."""
+        if not self.holding or self.last_renewal is None:
+            return False, "unhealthy: not holding the fence"
+        age = clock.now() - self.last_renewal
+        if age > self.fresh_within:
+            return False, (
+                f"unhealthy: holding the fence, but the last renewal started {age:.1f} s ago "
+                f"(fresh within {self.fresh_within:.3g} s)"
+            )
+        return True, f"healthy: holding generation {self.generation}, renewed {age:.1f} s ago"
 
     def render(self) -> str:
         age = 0.0 if self.last_renewal is None else clock.now() - self.last_renewal
@@ -109,7 +128,8 @@ class Metrics:
 
 
 def serve(address: str, metrics: Metrics) -> None:
-    """Serve `metrics` at http://ADDRESS/metrics from a daemon thread."""
+    """Serve `metrics` at http://ADDRESS/metrics, and its health at /healthz (200 or
+    503, for an httpGet probe), from a daemon thread."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -120,12 +140,20 @@ def serve(address: str, metrics: Metrics) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path.split("?")[0] not in ("/metrics", "/"):
+            path = self.path.split("?")[0]
+            if path == "/healthz":
+                healthy, why = metrics.health()
+                self.reply(200 if healthy else 503, "text/plain; charset=utf-8", why + "\n")
+                return
+            if path not in ("/metrics", "/"):
                 self.send_error(404)
                 return
-            body = metrics.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.reply(200, "text/plain; version=0.0.4; charset=utf-8", metrics.render())
+
+        def reply(self, status: int, content_type: str, text: str) -> None:
+            body = text.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

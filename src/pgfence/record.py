@@ -13,6 +13,11 @@ more lines below the token:
     heartbeat=117
     ...
 
+A record with `interval=0` (strict mode, heartbeat 0) comes from a holder that never
+renews: the POSIX sh shim (`pgfence export-shim`), which execs the server and is gone.
+It is read as a ShimLock and judged exactly like a one-line lock (no liveness to tell;
+the same token may take it, another never does).
+
 Parsing is strict: anything pgfence did not write is refused (fail closed) rather than
 guessed at, and a newer format version is refused rather than half understood.
 """
@@ -61,6 +66,19 @@ class LegacyLock(Struct):
 
     def describe(self) -> str:
         return f"token {self.token!r} (one-line lock without heartbeat)"
+
+
+class ShimLock(LegacyLock):
+    """A full record whose holder never renews it (`interval=0`): written by the POSIX sh
+    shim. Judged like a one-line lock; `record` keeps what it says for `status`."""
+
+    record: LockRecord
+
+    def describe(self) -> str:
+        return (
+            f"token {self.token!r} (sh shim lock without heartbeat, generation "
+            f"{self.record.generation}, pid {self.record.pid} on {self.record.host})"
+        )
 
 
 class LockRecord(Struct):
@@ -190,9 +208,7 @@ _FIELDS = (
 )
 
 
-def _record(
-    token: str, fields: dict[str, str], bad: Callable[[str], LockFormatError]
-) -> LockRecord:
+def _record(token: str, fields: dict[str, str], bad: Callable[[str], LockFormatError]) -> Holder:
     missing = [k for k in _FIELDS if k not in fields]
     unknown = [k for k in fields if k not in _FIELDS]
     if missing or unknown:
@@ -243,6 +259,8 @@ def _record(
         acquired_at=text("acquired_at", 40),
         heartbeat_at=text("heartbeat_at", 40),
     )
+    if record.interval == 0 and mode == "strict" and record.heartbeat == 0:
+        return ShimLock(token, record)
     if record.interval <= 0 or (mode == "lease" and record.ttl <= 0):
         raise bad("has a zero renewal interval or TTL")
     return record

@@ -75,16 +75,23 @@ OPTIONS = (
     Option("--json", "json", None, None, "print the report as one JSON object"),
 )
 USAGE = "usage: pgfence verify-fs DIR [OPTIONS]   (run it on two or more hosts at once)"
+EXIT_CODES_HELP = (
+    "Exit codes: 0 SAFE, 1 UNSAFE (do not use the file backend on this mount), "
+    "2 INCONCLUSIVE (too little was tested: run longer, from every host), 64 usage, "
+    "74 storage error."
+)
 
 
 def main(args: Sequence[str], emit: Callable[[str], None] | None = None) -> int:
     """Run one participant; `emit` receives the report's lines (cli.py passes print)."""
     out = emit or (lambda line: log.event("verify_fs", line))
     if any(a in ("-h", "--help") for a in args):
+        from pgfence.helptext import format_rows, wrap
+
         out(USAGE)
-        for option in OPTIONS:
-            name = option.flag + (f" {option.metavar}" if option.metavar else "")
-            out(f"  {name:28} {option.help}")
+        rows = [(o.flag + (f" {o.metavar}" if o.metavar else ""), o.help) for o in OPTIONS]
+        for line in [*format_rows(rows).splitlines(), *wrap(EXIT_CODES_HELP).splitlines()]:
+            out(line)
         return 0
     opts, directory = _parse(args)
     report = run(directory, opts)

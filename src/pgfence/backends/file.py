@@ -37,7 +37,7 @@ from pgfence.backends.base import (
 )
 from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
 from pgfence.lockfile import LockFile, NotDurable, Snapshot
-from pgfence.record import LegacyLock, LockRecord, parse
+from pgfence.record import LegacyLock, LockRecord, ShimLock, parse
 from pgfence.timings import MIN_TTL, Timings
 
 TYPE_CHECKING = False
@@ -267,8 +267,8 @@ class FileBackend(Backend):
                     "number; restore it, or remove it if no server runs on this data directory"
                 )
             last = int(text)
-        if isinstance(holder, LockRecord):
-            last = max(last, holder.generation)
+        if holder is not None:
+            last = max(last, _generation_of(holder))
         return last + 1
 
     def _new_record(self, generation: int) -> LockRecord:
@@ -304,7 +304,7 @@ class FileBackend(Backend):
             assert holder is not None
             if isinstance(holder, LegacyLock):
                 raise FencedOut(
-                    f"{where} is a one-line lock of {holder.token!r} without heartbeat, so "
+                    f"{where} holds {holder.describe()}: a lock without heartbeat, so "
                     "pgfence cannot tell whether its holder still runs; make sure no server "
                     "runs on this data directory, then use `pgfence release --force`"
                 )
@@ -314,7 +314,7 @@ class FileBackend(Backend):
                 raise refuse_live_holder(where, holder)
         # The first takeover claim of this state: a release and a takeover of the same
         # lock exclude each other, so a release can never delete a fresh takeover.
-        claim = f"{holder.generation + 1 if isinstance(holder, LockRecord) else 1}-1"
+        claim = f"{_generation_of(holder) + 1 if holder else 1}-1"
         outcome = self._lockfile.remove(snapshot, claim)
         if not outcome.ok:
             now = "is being taken over" if outcome.busy else _now_holds(outcome.found)
@@ -350,6 +350,13 @@ class FileBackend(Backend):
             sleep,
             progress,
         )
+
+
+def _generation_of(holder: Holder) -> int:
+    """The generation a lock records (0 for a one-line lock, which records none)."""
+    if isinstance(holder, ShimLock):
+        return holder.record.generation
+    return holder.generation if isinstance(holder, LockRecord) else 0
 
 
 def _claim_limit(holder: Holder, needed: float) -> float:
