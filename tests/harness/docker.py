@@ -277,3 +277,32 @@ def wait_stacks_gone(stacks: Sequence[str], timeout: float = 180) -> None:
     leftovers = [c for s in stacks for c in stack_containers(s)]
     if leftovers:
         docker("rm", "-f", *leftovers, check=False, timeout=120)
+
+
+def started_engine_pid() -> int | None:
+    """The pid of the dockerd this module started, if it still runs."""
+    try:
+        with open(STARTED_PID_FILE) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().strip() == "dockerd" else None
+    except (OSError, ValueError):
+        return None
+
+
+def ensure_swarm() -> bool:
+    """Make this engine a one-node Swarm; True if this call initialised it.
+
+    An engine that is already in a Swarm is used as it is. One that is not is only turned into
+    a Swarm if this module started it: a user's own engine is never reconfigured.
+    """
+    node_state = docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip()
+    if node_state == "active":
+        return False
+    if started_engine_pid() is None:
+        raise EngineUnavailable(
+            "the Docker engine is not in a Swarm and was not started by the tests "
+            "(run `docker swarm init --advertise-addr 127.0.0.1` to allow the Swarm tests)"
+        )
+    docker("swarm", "init", "--advertise-addr", "127.0.0.1", timeout=120)
+    return True

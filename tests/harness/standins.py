@@ -301,13 +301,14 @@ def _stage_context(source: Path, ctx: Path) -> None:
     shutil.copytree(source / "docker", ctx / "docker")
     (ctx / "examples").mkdir()
     shutil.copytree(source / "examples" / "shim", ctx / "examples" / "shim")
+    build_zipapp(ctx / "dist" / "pgfence.pyz", source)
+
+
+def build_zipapp(output: Path, source: Path | None = None) -> None:
+    """`scripts/build-zipapp --output OUTPUT` of the image source tree."""
+    source = source or image_source()
     subprocess.run(
-        [
-            "python3",
-            str(source / "scripts" / "build-zipapp"),
-            "--output",
-            str(ctx / "dist" / "pgfence.pyz"),
-        ],
+        ["python3", str(source / "scripts" / "build-zipapp"), "--output", str(output)],
         check=True,
         capture_output=True,
         timeout=120,
