@@ -205,3 +205,19 @@ def test_healthcheck_holder_healthy_waiting_contender_not_unhealthy(images, name
     while dp.health(first)[0] != "healthy":
         assert time.monotonic() < deadline, f"holder not healthy: {dp.health(first)}"
         time.sleep(1)
+
+
+@pytest.mark.timeout(400)
+def test_negative_control_the_plain_image_starts_a_second_server(images, names) -> None:
+    """Without pgfence, the stand-in official image starts a second server on a volume in
+    use (docker-library/postgres#171): the checks above can see that outcome."""
+    standin = images.standin(MAJOR)
+    vol = names.volume()
+    first, second = names.container("first"), names.container("second")
+    p1, p2 = pg.free_port(), pg.free_port()
+    dp.run(first, standin.tag, vol, standin.volume, p1)
+    dp.wait_serving(p1, first)
+    dp.run(second, standin.tag, vol, standin.volume, p2)
+    dp.wait_serving(p2, second)
+    assert dp.serves(p1) and dp.serves(p2), "two servers on one data directory"
+    assert dp.started_postgres(d.logs(second))
