@@ -119,6 +119,12 @@ def tps(
     vol = run.volume("pgbench")
     port = pg.free_port()
     env = {**os.environ, "PGPASSWORD": dp.PASSWORD}
+    # Initialised by the plain image (PGDATA at the volume's root), which both images use;
+    # the pgfence image on a fresh 13-17 volume would put PGDATA one level down instead.
+    init = run.container("init")
+    dp.run(init, bare, vol, mount, port)
+    dp.wait_serving(port, init)
+    d.docker("stop", "-t", "60", init, timeout=90)
     found: dict[str, list[float]] = {"pgfence image": [], "stand-in": []}
     initialised = False
     for _ in range(rounds):

@@ -42,12 +42,12 @@ def test_default_usage_one_server_stop_hands_over(images, names, major: str) -> 
     dp.run(first, image, vol, standin.volume, p1)
     dp.wait_serving(p1, first)
     assert dp.lock_text(vol) is not None, "no lock at the volume's root/fence_lock"
-    postmaster = dp.postmaster_pid(first, standin.pgdata)
+    started = dp.server_started_at(p1)
 
     dp.run(second, image, vol, standin.volume, p2)
     _fenced_out_without_postgres(second)
     assert dp.serves(p1)
-    assert dp.postmaster_pid(first, standin.pgdata) == postmaster, "the first server was restarted"
+    assert dp.server_started_at(p1) == started, "the first server was restarted"
 
     # docker stop: STOPSIGNAL SIGINT is a fast shutdown, then pgfence releases the lock.
     d.docker("stop", "-t", "60", first, timeout=90)

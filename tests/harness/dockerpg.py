@@ -79,9 +79,10 @@ def lock_text(volume: str, relative: str = "fence_lock") -> str | None:
         return None
 
 
-def postmaster_pid(container: str, pgdata: str) -> str:
-    """The postmaster.pid's first line, read inside a running container."""
-    done = d.docker("exec", container, "head", "-n1", f"{pgdata}/postmaster.pid", check=False)
+def server_started_at(port: int) -> str:
+    """pg_postmaster_start_time() of the server on `port`: changes if it is restarted."""
+    done = psql(port, "SELECT pg_postmaster_start_time()")
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr
     return done.stdout.strip()
 
 
