@@ -27,6 +27,7 @@ DEBIAN_CLIENT = "/usr/bin/docker"
 DOCKERD_FLAGS = ("--bridge=none", "--iptables=false", "--ip-masq=false")
 STATE_DIR = "/var/lib/pgfence-tests"
 STARTED_PID_FILE = os.path.join(STATE_DIR, "dockerd.pid")  # written only for a daemon we start
+STARTED_ID_FILE = os.path.join(STATE_DIR, "dockerd.id")  # that daemon's engine ID (docker info)
 DOCKERD_LOG = os.path.join(STATE_DIR, "dockerd.log")
 START_LOCK = os.path.join(STATE_DIR, "dockerd.start-lock")
 
@@ -89,6 +90,8 @@ def ensure_engine(timeout: float = 90) -> str:
     """
     if engine_answers():
         return server_version()
+    if os.environ.get("DOCKER_HOST"):
+        raise EngineUnavailable(f"DOCKER_HOST={os.environ['DOCKER_HOST']} does not answer")
     if os.geteuid() != 0:
         raise EngineUnavailable("no Docker engine answers, and starting dockerd needs root")
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
@@ -109,8 +112,6 @@ def ensure_engine(timeout: float = 90) -> str:
                 stderr=log,
                 start_new_session=True,  # outlives the test run on purpose (module docstring)
             )
-        with open(STARTED_PID_FILE, "w") as f:
-            f.write(f"{proc.pid}\n")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -119,8 +120,14 @@ def ensure_engine(timeout: float = 90) -> str:
                     + _tail(DOCKERD_LOG)
                 )
             if engine_answers():
+                with open(STARTED_PID_FILE, "w") as f:
+                    f.write(f"{proc.pid}\n")
+                with open(STARTED_ID_FILE, "w") as f:
+                    f.write(engine_id() + "\n")
                 return server_version()
             time.sleep(0.5)
+        proc.terminate()  # ours, and of no use: it is not left behind unrecorded
+        proc.wait(timeout=60)
         raise EngineUnavailable(f"dockerd did not answer within {timeout:.0f} s; see {DOCKERD_LOG}")
 
 
@@ -279,15 +286,24 @@ def wait_stacks_gone(stacks: Sequence[str], timeout: float = 180) -> None:
         docker("rm", "-f", *leftovers, check=False, timeout=120)
 
 
+def engine_id() -> str:
+    return docker("info", "--format", "{{.ID}}").stdout.strip()
+
+
 def started_engine_pid() -> int | None:
-    """The pid of the dockerd this module started, if it still runs."""
+    """The pid of the dockerd this module started, if it still runs and is the engine the
+    client talks to (DOCKER_HOST may name another one)."""
     try:
         with open(STARTED_PID_FILE) as f:
             pid = int(f.read().strip())
         with open(f"/proc/{pid}/comm") as f:
-            return pid if f.read().strip() == "dockerd" else None
+            if f.read().strip() != "dockerd":
+                return None
+        with open(STARTED_ID_FILE) as f:
+            recorded = f.read().strip()
     except (OSError, ValueError):
         return None
+    return pid if recorded and recorded == engine_id() else None
 
 
 def ensure_swarm() -> bool:
