@@ -270,6 +270,7 @@ def ensure_standin(major: str) -> Standin:
     context_files = [OFFICIAL / "docker-entrypoint.sh", OFFICIAL / "docker-ensure-initdb.sh"]
     inputs = _digest(dockerfile, image_id(base), *(p.read_bytes() for p in context_files))
     if not _usable(standin.tag, inputs):
+        dangling = _dangling_volumes()
         with tempfile.TemporaryDirectory(prefix="pgfence-standin-") as ctx:
             for path in context_files:
                 shutil.copy2(path, ctx)
@@ -279,7 +280,17 @@ def ensure_standin(major: str) -> Standin:
                 dockerfile_text=dockerfile,
                 labels={STANDIN_LABEL: f"postgres-{major}", INPUTS_LABEL: inputs},
             )
+        # The classic builder's containers for the steps after VOLUME leave an empty
+        # anonymous volume behind: remove the ones this build left, and only empty ones.
+        for name in _dangling_volumes() - dangling:
+            path = d.docker("volume", "inspect", "--format", "{{.Mountpoint}}", name).stdout
+            if re.fullmatch(r"[0-9a-f]{64}", name) and not os.listdir(path.strip()):
+                d.docker("volume", "rm", name, check=False)
     return standin
+
+
+def _dangling_volumes() -> set[str]:
+    return set(d.docker("volume", "ls", "-q", "--filter", "dangling=true").stdout.split())
 
 
 # -- pgfence's images -----------------------------------------------------------------------
