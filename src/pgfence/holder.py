@@ -87,13 +87,13 @@ def run(
         INSTANCE_ENV: hold.instance,
         LOCK_ENV: backend.location(),
     }
+    renewer = Renewer(hold, timings, metrics)
     try:
         supervisor = Supervisor(list(command), env, user)
     except CommandError:
-        hold.release()
+        hold.release(renewer.in_time)
         metrics.released()
         raise
-    renewer = Renewer(hold, timings, metrics)
     renewer.start()
     log.event(
         "started",
@@ -149,7 +149,7 @@ def run(
     assert status is not None
     renewer.stop()
     metrics.released()
-    if hold.release():
+    if hold.release(renewer.in_time):  # like a renewal: nothing deleted past the deadline
         log.event(
             "released",
             f"{command[0]} exited with status {status}; released {backend.location()}",

@@ -95,14 +95,12 @@ class LockRecord(Struct):
         return self.replace(heartbeat=self.heartbeat + 1, clock=clock, heartbeat_at=wall)
 
     def silence_required(self) -> float:
-        """How long a reader must see no heartbeat before calling this holder silent.
+        """How long a reader must see no heartbeat before calling this holder silent: the
+        takeover rule for this record (see timings.py, which derives it with the holder's
+        self-fence deadline)."""
+        from pgfence.timings import takeover_silence  # timings imports this module
 
-        Strict mode: three missed renewals plus a second of slack for slow storage.
-        Lease mode: the takeover rule, TTL plus lock-delay.
-        """
-        if self.mode == "lease":
-            return self.ttl + self.lock_delay
-        return 3 * self.interval + 1.0
+        return takeover_silence(self)
 
     def encode(self) -> bytes:
         fields = [

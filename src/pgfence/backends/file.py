@@ -35,10 +35,10 @@ from pgfence.backends.base import (
     watch,
     watch_progress,
 )
-from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
+from pgfence.errors import FencedOut, LockFormatError, LockLost
 from pgfence.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.record import LegacyLock, LockRecord, parse
-from pgfence.timings import MIN_TTL, Timings
+from pgfence.timings import Timings, claim_limit, takeover_silence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     from pgfence.backends.base import Guard, Sleep
     from pgfence.record import Holder
 
-GENERATION_SIDECAR = "generation"
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
 
 
@@ -78,9 +77,23 @@ class FileHold(Hold):
                 return False  # still ours, but the guard said it is too late to write
             raise LockLost(f"the lock at {self._lockfile.path} {_now_holds(outcome.found)}")
 
-    def release(self) -> bool:
+    def release(self, guard: Guard) -> bool:
         with self._mutex:
-            return self._lockfile.remove(self._written).ok
+            claim = claim_name(self._record, 1)
+            return self._lockfile.remove(self._written, claim, guard).ok
+
+    def regenerate(self, generation: int, guard: Guard) -> None:
+        """Rewrite our fresh lock with another generation (see FileBackend._confirm)."""
+        with self._mutex:
+            record = self._record.replace(generation=generation, heartbeat=1)
+            outcome = self._lockfile.renew(self._written, record.encode(), guard)
+            if not outcome.ok:
+                raise LockLost(
+                    f"the lock at {self._lockfile.path} {_now_holds(outcome.found)} "
+                    "right after it was taken"
+                )
+            self._record, self._written = record, Snapshot(record.encode())
+            self.generation = generation
 
     def child_environment(self) -> dict[str, str]:
         return {"PGFENCE_LOCK_FILE": self._lockfile.path}
@@ -126,7 +139,7 @@ class FileBackend(Backend):
             needed = self._silence_needed(holder, changes)
             silent = now - since
             if needed is not None and silent >= needed:
-                claim = f"{self._next_generation(holder)}-{attempt}"
+                claim = claim_name(holder, attempt)
                 hold, busy_claim = self._takeover(snapshot, holder, claim, needed)
                 if hold:
                     return hold
@@ -135,7 +148,7 @@ class FileBackend(Backend):
                     continue  # lock changed, or the other claimer finished: look again
                 if claim_seen is None or claim_seen[:2] != (claim, busy):
                     claim_seen = (claim, busy, now)
-                elif now - claim_seen[2] >= max(needed, 2 * _claim_limit(holder, needed)):
+                elif now - claim_seen[2] >= max(needed, 2 * claim_limit(holder, needed)):
                     # The claimer stopped (crashed, or stalled past its own limit, which
                     # is at most half this long) while the lock stayed unchanged: use the
                     # next attempt's claim name.
@@ -179,7 +192,7 @@ class FileBackend(Backend):
                 )
             if holder.mode == "lease":
                 return self._timings.takeover_wait(holder)
-            return holder.silence_required()
+            return takeover_silence(holder)
         if self._timings.mode == "strict":
             raise FencedOut(f"fenced out: {where} is held by {holder.describe()}")
         if holder.mode == "strict":
@@ -196,28 +209,39 @@ class FileBackend(Backend):
         return self._timings.takeover_wait(holder)
 
     def _create(self) -> FileHold | None:
-        record = self._new_record(self._next_generation(None))
+        started = clock.now()
+        generation = self._reserve_generation(None)
+        record = self._new_record(generation, started)
         if not self._lockfile.create(record.encode()):
             return None
+        # Claims to take over a lock of the generation before ours (a released holder's,
+        # left by a crash) protect nothing any more.
+        self._lockfile.remove_claims(f"{generation}-")
         return self._won(record, "acquired", "free")
 
     def _takeover(
         self, snapshot: Snapshot, holder: Holder, claim: str, needed: float
     ) -> tuple[FileHold | None, bool]:
         """Try to replace `snapshot`: (our hold, False) or (None, whether the claim was busy)."""
-        record = self._new_record(self._next_generation(holder))
         started = clock.now()
-        limit = _claim_limit(holder, needed)
+        limit = claim_limit(holder, needed)
+        built: list[LockRecord] = []
 
         def in_time() -> bool:
             # A claimer that stalled past its limit may meet a contender that has given
             # its claim up for abandoned: it must not write (nor free the claim).
             return clock.now() - started < limit
 
-        outcome = self._lockfile.takeover(snapshot, record.encode(), claim, in_time)
+        def build() -> bytes:
+            # Under the claim: only one contender of this state reserves a generation.
+            built.append(self._new_record(self._reserve_generation(holder), started))
+            return built[-1].encode()
+
+        outcome = self._lockfile.takeover(snapshot, build, claim, in_time)
         if not outcome.ok:
             return None, outcome.busy
-        self._lockfile.remove_claims(f"{record.generation}-")
+        record = built[-1]
+        self._lockfile.remove_claims(claim_name(holder, None))
         if not in_time():
             # Paused between the last check and the rename: a contender may have called
             # our claim abandoned, taken the lock over and started its server, and our
@@ -236,43 +260,61 @@ class FileBackend(Backend):
 
     def _won(self, record: LockRecord, verb: str, previous: str) -> FileHold:
         hold = FileHold(self._lockfile, record)
-        try:
-            self._lockfile.write_sidecar(GENERATION_SIDECAR, f"{record.generation}\n".encode())
-        except StorageError:
-            hold.release()
-            raise
+        self._confirm(hold, record.clock)
         log.event(
             "acquired",
             f"{verb} {self._lockfile.path} as token {record.token!r} "
-            f"(generation {record.generation}; previously {previous}); "
+            f"(generation {hold.generation}; previously {previous}); "
             f"{self._timings.describe()}",
             lock=self._lockfile.path,
             token=record.token,
             instance=record.instance,
-            generation=record.generation,
+            generation=hold.generation,
             mode=record.mode,
             previous=previous,
         )
         return hold
 
-    def _next_generation(self, holder: Holder | None) -> int:
-        """One more than any generation this lock has had (lock file or its sidecar)."""
-        data = self._lockfile.read_sidecar(GENERATION_SIDECAR)
-        last = 0
-        if data is not None:
-            text = data.decode("ascii", "replace").strip()
-            if not text.isdigit() or len(text) > 18:
-                raise LockFormatError(
-                    f"{self._lockfile.path}.{GENERATION_SIDECAR} does not hold a generation "
-                    "number; restore it, or remove it if no server runs on this data directory"
-                )
-            last = int(text)
+    def _reserve_generation(self, holder: Holder | None) -> int:
+        """One more than any generation this lock has had (lock file or generation file),
+        written to the generation file before the lock is created or taken over, so that
+        a crash at any later point can only skip a number, never hand one out twice."""
+        last, _ = self._lockfile.read_generation()
         if isinstance(holder, LockRecord):
             last = max(last, holder.generation)
-        return last + 1
+        wanted = last + 1
+        while True:
+            found = self._lockfile.raise_generation(wanted)
+            if found == wanted:
+                return wanted
+            wanted = found + 1  # a contender reserved a later one meanwhile
 
-    def _new_record(self, generation: int) -> LockRecord:
-        return fresh_record(self._token, self._instance, self._timings, generation, clock.now())
+    def _confirm(self, hold: FileHold, started: float) -> None:
+        """Mark our generation as won, now that we hold the lock; if another instance won
+        it (it reserved the same number, then held and released the lock while we were
+        paused before creating ours) or a later one was reserved, take a new one.
+
+        We hold the lock, so no other contender can win meanwhile; a pause past the
+        deadline here is caught by the check before the command starts.
+        """
+        deadline = self._timings.deadline
+
+        def in_time() -> bool:
+            return clock.now() - started < deadline
+
+        generation = hold.generation
+        while True:
+            current, owner = self._lockfile.read_generation()
+            if current == generation and owner in ("", hold.instance):
+                if self._lockfile.raise_generation(generation, hold.instance) == generation:
+                    return
+                continue
+            generation = max(current, generation) + 1
+            self._lockfile.raise_generation(generation)
+            hold.regenerate(generation, in_time)
+
+    def _new_record(self, generation: int, started: float) -> LockRecord:
+        return fresh_record(self._token, self._instance, self._timings, generation, started)
 
     # -- operator commands -----------------------------------------------------------
 
@@ -308,14 +350,17 @@ class FileBackend(Backend):
                     "pgfence cannot tell whether its holder still runs; make sure no server "
                     "runs on this data directory, then use `pgfence release --force`"
                 )
-            needed = holder.silence_required()
+            needed = takeover_silence(holder)
             seen, _ = self._watch(snapshot, needed, sleep, watch_progress(holder, needed))
             if seen == "moved":
                 raise refuse_live_holder(where, holder)
+        if isinstance(holder, LockRecord):
+            # Whatever the generation file says (lost, restored, or behind because the
+            # holder crashed right after winning), the next holder gets a newer one.
+            self._lockfile.raise_generation(holder.generation, "released")
         # The first takeover claim of this state: a release and a takeover of the same
         # lock exclude each other, so a release can never delete a fresh takeover.
-        claim = f"{holder.generation + 1 if isinstance(holder, LockRecord) else 1}-1"
-        outcome = self._lockfile.remove(snapshot, claim)
+        outcome = self._lockfile.remove(snapshot, claim_name(holder, 1))
         if not outcome.ok:
             now = "is being taken over" if outcome.busy else _now_holds(outcome.found)
             raise FencedOut(
@@ -352,19 +397,13 @@ class FileBackend(Backend):
         )
 
 
-def _claim_limit(holder: Holder, needed: float) -> float:
-    """How long a takeover of `holder`'s lock may hold its claim before giving up.
-
-    Contenders call a claim abandoned only after seeing it unchanged for twice this long
-    (see `acquire`), so a claimer within its limit is never overtaken, even by a
-    contender that waits less than we do: every contender of a lease waits at least the
-    holder's own TTL (never less than MIN_TTL) plus its lock-delay, whatever TTL each
-    was given; for other locks the wait depends on the holder alone.
-    """
-    floor = needed
-    if isinstance(holder, LockRecord) and holder.mode == "lease":
-        floor = min(needed, max(MIN_TTL, holder.ttl) + holder.lock_delay)
-    return max(floor / 2, 1.0)
+def claim_name(holder: Holder | None, attempt: int | None) -> str:
+    """The takeover claim of `holder`'s lock state for `attempt` (a release uses the
+    first; None: the prefix of all attempts). It depends on the lock alone, so every
+    contender, releaser and the holder itself name the same claim for the same state:
+    `<generation + 1>-<attempt>`."""
+    generation = holder.generation if isinstance(holder, LockRecord) else 0
+    return f"{generation + 1}-{'' if attempt is None else attempt}"
 
 
 def _waiting_message(holder: Holder, silent: float, needed: float | None) -> str:
