@@ -272,3 +272,34 @@ def test_an_operator_release_keeps_the_removed_generation(
     os.unlink(f"{lock_path}.generation")
     _backend(lock_path, "operator", "1" * 16).release(True, _no_sleep)
     assert _backend(lock_path, instance="2" * 16).acquire(_no_sleep).generation > hold.generation
+
+
+def test_an_unlink_that_lands_late_fills_the_lock_path_again(
+    lock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder passes its last check, then pauses in the unlink itself (one system
+    call) for longer than a takeover takes: the unlink deletes the successor's lock. The
+    path must not stay free for a third contender to create a lock at once: the release
+    fills it again (create-only) with a record of its own that nobody renews."""
+    hold = _backend(lock_path).acquire(_no_sleep)
+    successor = _successor_data(lock_path)
+    real_unlink = os.unlink
+    late = {"now": False}
+
+    def unlink_late(path: str) -> None:
+        if path == lock_path:
+            # The successor took over meanwhile (its claim was of a later attempt).
+            with open(f"{lock_path}.new", "wb") as f:
+                f.write(successor)
+            os.rename(f"{lock_path}.new", lock_path)
+            late["now"] = True
+        real_unlink(path)
+
+    monkeypatch.setattr(os, "unlink", unlink_late)
+    assert hold.release(lambda: not late["now"]) is False
+    monkeypatch.undo()
+    with open(lock_path, "rb") as f:
+        left = parse(f.read(), lock_path)
+    assert isinstance(left, LockRecord)
+    assert (left.instance, left.generation) == (OURS, hold.generation)
+    assert left.heartbeat > 0, "the refill is a new state, so watchers start counting again"

@@ -194,35 +194,54 @@ class LockFile:
                 self._unlink_quietly(claim_path)
 
     def remove(
-        self, expected: Snapshot, claim: str, guard: Callable[[], bool] | None = None
+        self,
+        expected: Snapshot,
+        claim: str,
+        guard: Callable[[], bool] | None = None,
+        refill: bytes | None = None,
     ) -> Outcome:
         """Delete the lock if it still holds `expected`, under the takeover `claim` of that
         state (a release and a takeover of the same state exclude each other).
 
         `guard()` (the holder's deadline) is checked immediately before the unlink, after
-        the claim, the read and the compare, so a pause anywhere before it is caught. The
-        claim is freed if the lock was deleted (its state is gone, so the claim protects
-        nothing), or if `guard()` still allows; a claim held past the guard's limit stays,
-        for the same reason as in `takeover`, until a winner removes it.
+        the claim, the read and the compare, so a pause anywhere before it is caught. A
+        pause in the unlink itself is not: if `guard()` fails right after it, the unlink
+        may have landed late, on a successor's lock, and the path is filled again at once
+        with `refill` (create-only, so it never displaces a lock): a third contender
+        then has to wait out that lock's silence instead of creating one at once, and the
+        successor stops at its next renewal. Outcome.ok is then False.
+
+        The claim is freed if the lock was deleted (its state is gone, so the claim
+        protects nothing), or if `guard()` still allows; a claim held past the guard's
+        limit stays, for the same reason as in `takeover`, until a winner removes it.
         """
         claim_path = self.claim_path(claim)
-        if not self._link_new(claim_path, self._claim_content()):
-            return Outcome(False, None, busy=True)
+        refill_temp = self._write_temp(refill) if refill is not None else ""
         removed = False
         try:
-            current = self.read()
-            if current != expected or (guard is not None and not guard()):
-                return Outcome(False, current)
+            if not self._link_new(claim_path, self._claim_content()):
+                return Outcome(False, None, busy=True)
             try:
-                os.unlink(self.path)
-            except OSError as exc:
-                raise storage_error(exc, "remove lock file", self.path) from None
-            removed = True
-            self._sync_directory()
-            return Outcome(True)
+                current = self.read()
+                if current != expected or (guard is not None and not guard()):
+                    return Outcome(False, current)
+                try:
+                    os.unlink(self.path)
+                except OSError as exc:
+                    raise storage_error(exc, "remove lock file", self.path) from None
+                removed = True
+                if refill_temp and guard is not None and not guard():
+                    self._link(refill_temp, self.path)
+                    self._sync_directory()
+                    return Outcome(False, None)
+                self._sync_directory()
+                return Outcome(True)
+            finally:
+                if removed or guard is None or guard():
+                    self._unlink_quietly(claim_path)
         finally:
-            if removed or guard is None or guard():
-                self._unlink_quietly(claim_path)
+            if refill_temp:
+                self._unlink_quietly(refill_temp)
 
     def claim_path(self, claim: str) -> str:
         return f"{self.path}.takeover-{claim}"

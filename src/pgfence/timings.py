@@ -90,6 +90,14 @@ def claim_limit(holder: Holder, needed: float) -> float:
     return max(floor / 2, 1.0)
 
 
+def claim_abandoned_after(holder: Holder | None, needed: float) -> float:
+    """How long a claim on `holder`'s lock state must stay unchanged, the lock too,
+    before a contender (or `pgfence release`) calls it abandoned and uses the next
+    attempt's claim: at least twice any claimer's limit, so none is overtaken in time."""
+    limit = 1.0 if holder is None else claim_limit(holder, needed)
+    return max(needed, 2 * limit)
+
+
 class Timings(Struct):
     mode: str  # "strict" or "lease"
     interval: float  # seconds between renewals (start to start)

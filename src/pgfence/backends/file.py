@@ -6,13 +6,16 @@ Who may take the lock (the policy; `lockfile.py` does the atomic writes):
     ---------------    --------------   -------------------   ------------------------------
     none               -                take it               take it
     one-line (legacy)  ours             take it (seed rule)   take it (seed rule)
-    pgfence record     ours, other      take it after the     same
-                       instance         observation period;
+    pgfence record     ours, other      take it after its     same (waiting instead of 73)
+                       instance         takeover wait S;
                                         73 if it heartbeats
     any                another token    73                    strict or one-line lock: never
                                                               taken over (wait for release);
                                                               lease: take over after TTL +
                                                               lock-delay of silence
+
+Every S is longer than the holder's self-fence deadline plus a margin (timings.py derives
+both from the record). docs/protocol.md lists every step of every path, call by call.
 
 "Silence" is always judged by reading the lock's content on this machine's monotonic
 clock, never by timestamps or mtimes (NFS caches attributes, and hosts' clocks differ).
@@ -35,10 +38,11 @@ from pgfence.backends.base import (
     watch,
     watch_progress,
 )
+from pgfence.backends.file_generation import confirm_generation, reserve_generation
 from pgfence.errors import FencedOut, LockFormatError, LockLost
 from pgfence.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.record import LegacyLock, LockRecord, parse
-from pgfence.timings import Timings, claim_limit, takeover_silence
+from pgfence.timings import Timings, claim_abandoned_after, claim_limit, takeover_silence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -80,10 +84,13 @@ class FileHold(Hold):
     def release(self, guard: Guard) -> bool:
         with self._mutex:
             claim = claim_name(self._record, 1)
-            return self._lockfile.remove(self._written, claim, guard).ok
+            # Should the unlink land late, the path is filled again with a newer heartbeat
+            # of ours (which nobody renews) rather than left free: see LockFile.remove.
+            refill = self._record.next_beat(clock.now(), clock.wall_iso()).encode()
+            return self._lockfile.remove(self._written, claim, guard, refill).ok
 
     def regenerate(self, generation: int, guard: Guard) -> None:
-        """Rewrite our fresh lock with another generation (see FileBackend._confirm)."""
+        """Rewrite our fresh lock with another generation (see confirm_generation)."""
         with self._mutex:
             record = self._record.replace(generation=generation, heartbeat=1)
             outcome = self._lockfile.renew(self._written, record.encode(), guard)
@@ -148,7 +155,7 @@ class FileBackend(Backend):
                     continue  # lock changed, or the other claimer finished: look again
                 if claim_seen is None or claim_seen[:2] != (claim, busy):
                     claim_seen = (claim, busy, now)
-                elif now - claim_seen[2] >= max(needed, 2 * claim_limit(holder, needed)):
+                elif now - claim_seen[2] >= claim_abandoned_after(holder, needed):
                     # The claimer stopped (crashed, or stalled past its own limit, which
                     # is at most half this long) while the lock stayed unchanged: use the
                     # next attempt's claim name.
@@ -210,7 +217,7 @@ class FileBackend(Backend):
 
     def _create(self) -> FileHold | None:
         started = clock.now()
-        generation = self._reserve_generation(None)
+        generation = reserve_generation(self._lockfile, None)
         record = self._new_record(generation, started)
         if not self._lockfile.create(record.encode()):
             return None
@@ -234,7 +241,7 @@ class FileBackend(Backend):
 
         def build() -> bytes:
             # Under the claim: only one contender of this state reserves a generation.
-            built.append(self._new_record(self._reserve_generation(holder), started))
+            built.append(self._new_record(reserve_generation(self._lockfile, holder), started))
             return built[-1].encode()
 
         outcome = self._lockfile.takeover(snapshot, build, claim, in_time)
@@ -260,7 +267,7 @@ class FileBackend(Backend):
 
     def _won(self, record: LockRecord, verb: str, previous: str) -> FileHold:
         hold = FileHold(self._lockfile, record)
-        self._confirm(hold, record.clock)
+        confirm_generation(self._lockfile, hold, record.clock, self._timings.deadline)
         log.event(
             "acquired",
             f"{verb} {self._lockfile.path} as token {record.token!r} "
@@ -274,44 +281,6 @@ class FileBackend(Backend):
             previous=previous,
         )
         return hold
-
-    def _reserve_generation(self, holder: Holder | None) -> int:
-        """One more than any generation this lock has had (lock file or generation file),
-        written to the generation file before the lock is created or taken over, so that
-        a crash at any later point can only skip a number, never hand one out twice."""
-        last, _ = self._lockfile.read_generation()
-        if isinstance(holder, LockRecord):
-            last = max(last, holder.generation)
-        wanted = last + 1
-        while True:
-            found = self._lockfile.raise_generation(wanted)
-            if found == wanted:
-                return wanted
-            wanted = found + 1  # a contender reserved a later one meanwhile
-
-    def _confirm(self, hold: FileHold, started: float) -> None:
-        """Mark our generation as won, now that we hold the lock; if another instance won
-        it (it reserved the same number, then held and released the lock while we were
-        paused before creating ours) or a later one was reserved, take a new one.
-
-        We hold the lock, so no other contender can win meanwhile; a pause past the
-        deadline here is caught by the check before the command starts.
-        """
-        deadline = self._timings.deadline
-
-        def in_time() -> bool:
-            return clock.now() - started < deadline
-
-        generation = hold.generation
-        while True:
-            current, owner = self._lockfile.read_generation()
-            if current == generation and owner in ("", hold.instance):
-                if self._lockfile.raise_generation(generation, hold.instance) == generation:
-                    return
-                continue
-            generation = max(current, generation) + 1
-            self._lockfile.raise_generation(generation)
-            hold.regenerate(generation, in_time)
 
     def _new_record(self, generation: int, started: float) -> LockRecord:
         return fresh_record(self._token, self._instance, self._timings, generation, started)
@@ -358,16 +327,54 @@ class FileBackend(Backend):
             # Whatever the generation file says (lost, restored, or behind because the
             # holder crashed right after winning), the next holder gets a newer one.
             self._lockfile.raise_generation(holder.generation, "released")
-        # The first takeover claim of this state: a release and a takeover of the same
-        # lock exclude each other, so a release can never delete a fresh takeover.
-        outcome = self._lockfile.remove(snapshot, claim_name(holder, 1))
-        if not outcome.ok:
-            now = "is being taken over" if outcome.busy else _now_holds(outcome.found)
-            raise FencedOut(
-                f"not released: {where} changed while it was being released "
-                f"(it now {now}); look again with `pgfence status`"
-            )
+        self._remove_under_claim(snapshot, holder, sleep)
         return report_removed(where, holder, first_line, force)
+
+    def _remove_under_claim(self, snapshot: Snapshot, holder: Holder | None, sleep: Sleep) -> None:
+        """Delete `snapshot` under the takeover claim of that state, so a release and a
+        takeover of the same lock exclude each other and a release never deletes a fresh
+        takeover. A claim left by a contender that died stays: after watching it (and the
+        lock) unchanged as long as a contender would, move on to the next attempt's."""
+        where = self._lockfile.path
+        needed = takeover_silence(holder) if isinstance(holder, LockRecord) else 0.0
+        attempt = 1
+        seen: tuple[str, bytes, float] | None = None
+        while True:
+            claim = claim_name(holder, attempt)
+            outcome = self._lockfile.remove(snapshot, claim)
+            if outcome.ok:
+                if isinstance(holder, LockRecord):
+                    # That state is gone: claims left on it protect nothing. (One-line
+                    # locks all share claim names, so theirs stay.)
+                    self._lockfile.remove_claims(claim_name(holder, None))
+                return
+            busy = self._lockfile.read_claim(claim) if outcome.busy else None
+            current = self._lockfile.read()
+            if current != snapshot:
+                raise FencedOut(
+                    f"not released: {where} changed while it was being released "
+                    f"(it now {_now_holds(current)}); look again with `pgfence status`"
+                )
+            if busy is None:
+                continue  # the claimer finished meanwhile: look again
+            now = clock.now()
+            if seen is None or seen[:2] != (claim, busy):
+                seen = (claim, busy, now)
+                log.event(
+                    "waiting",
+                    f"{where} has a takeover claim {claim}; waiting to see whether its "
+                    f"claimer is alive (up to {claim_abandoned_after(holder, needed):.3g} s)",
+                    claim=claim,
+                )
+            elif now - seen[2] >= claim_abandoned_after(holder, needed):
+                log.event(
+                    "claim_abandoned",
+                    f"takeover claim {claim} looks abandoned; trying the next one",
+                    level="warning",
+                    claim=claim,
+                )
+                attempt += 1
+            sleep(self._timings.poll)
 
     def held_by_instance(self, instance: str) -> bool:
         snapshot = self._lockfile.read()
