@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.fence import path_state, write_file
-from pgfence.errors import StorageError
+from pgfence.errors import LockFormatError, StorageError
 from pgfence.lockfile import LockFile, Snapshot
 from pgfence.record import MAX_LOCK_BYTES
 
@@ -317,16 +317,27 @@ def test_directory_at_lock_path_is_never_removed(lock: LockFile) -> None:
     assert os.path.isdir(lock.path)
 
 
-# -- sidecars ----------------------------------------------------------------------------
+# -- the generation file ---------------------------------------------------------------
 
 
-def test_sidecar_round_trip(lock: LockFile) -> None:
-    assert lock.read_sidecar("generation") is None
-    lock.write_sidecar("generation", b"7\n")
-    assert lock.read_sidecar("generation") == b"7\n"
-    lock.write_sidecar("generation", b"8\n")
-    assert lock.read_sidecar("generation") == b"8\n"
+def test_generation_file_round_trip(lock: LockFile) -> None:
+    assert lock.read_generation() == (0, "")
+    assert lock.raise_generation(7) == 7
+    assert lock.read_generation() == (7, "")
+    assert lock.raise_generation(7, "a" * 16) == 7  # marked as won
+    assert lock.read_generation() == (7, "a" * 16)
+    assert lock.raise_generation(7) == 7  # an unmarked reservation never unmarks it
+    assert lock.read_generation() == (7, "a" * 16)
+    assert lock.raise_generation(5) == 7  # never down
+    assert lock.raise_generation(8) == 8
     assert leftovers(lock) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"x\n", b"-1\n", b"1 2 3\n", b"9" * 19 + b"\n"])
+def test_a_bad_generation_file_is_refused(lock: LockFile, content: bytes) -> None:
+    write_file(f"{lock.path}.generation", content)
+    with pytest.raises(LockFormatError):
+        lock.read_generation()
 
 
 def test_remove_claims_only_touches_its_prefix(lock: LockFile) -> None:

@@ -73,10 +73,6 @@ class LockFile:
         data = self._read_regular(self.path, "lock file")
         return None if data is None else Snapshot(data)
 
-    def read_sidecar(self, suffix: str) -> bytes | None:
-        """A small file next to the lock (`<lock>.<suffix>`), or None if absent."""
-        return self._read_regular(f"{self.path}.{suffix}", "file")
-
     def _read_regular(self, path: str, what: str) -> bytes | None:
         try:
             fd = os.open(path, _READ_FLAGS)
@@ -302,17 +298,6 @@ class LockFile:
             temp = ""
             self._sync_directory()
             return value
-        finally:
-            if temp:
-                self._unlink_quietly(temp)
-
-    def write_sidecar(self, suffix: str, data: bytes) -> None:
-        """Atomically replace `<lock>.<suffix>`."""
-        temp = self._write_temp(data)
-        try:
-            self._rename(temp, f"{self.path}.{suffix}")
-            temp = ""
-            self._sync_directory()
         finally:
             if temp:
                 self._unlink_quietly(temp)

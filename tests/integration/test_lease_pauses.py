@@ -22,10 +22,9 @@ from harness.contenders import Contender, child_intervals, overlaps, record_stop
 from harness.faults import foreign_record, write_atomically
 from harness.lease import DEADLINE, TAKEOVER_WAIT, events, read_lock, wait_for
 from harness.procs import Registry, alive
-from pgfence.backends.file import _claim_limit
 from pgfence.lockfile import LockFile
 from pgfence.record import LockRecord, parse
-from pgfence.timings import Timings
+from pgfence.timings import Timings, claim_limit
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -166,6 +165,6 @@ def test_a_claim_is_given_up_before_any_contender_may_call_it_abandoned(
     holder = parse(record, "lock")
     assert isinstance(holder, LockRecord) and holder.ttl == holder_ttl
     waits = [Timings.lease(ttl).takeover_wait(holder) for ttl in (2.0, 30.0, 300.0)]
-    limits = [_claim_limit(holder, w) for w in waits]
+    limits = [claim_limit(holder, w) for w in waits]
     abandoned_after = [max(w, 2 * lim) for w, lim in zip(waits, limits)]
     assert max(limits) <= min(abandoned_after) / 2

@@ -211,14 +211,16 @@ def test_a_strict_holder_whose_heartbeats_fail_stops_before_a_same_token_takeove
 
 
 CALLS = ("link", "rename", "unlink", "fsync")
-FAST = ("--heartbeat-interval", "0.2")  # a dead claimer's claim is called abandoned sooner
+# No heartbeat during the short command (so every run makes the same calls), and a dead
+# claimer's claim is called abandoned after 2 * (3 * 0.5 + 1) s.
+HEARTBEAT = ("--heartbeat-interval", "0.5")
 
 
 def _run(lock: str, log: str, strace_options: Sequence[str]) -> int:
     """`pgfence run` (strict) of a short command under strace; its exit status."""
     argv = ["strace", "-f", "-qq", *strace_options,
-            PGFENCE, "run", "--lock-file", lock, "--token", "db", *FAST, "--",
-            sys.executable, "-c", CHILD, log, "0.01"]  # fmt: skip
+            PGFENCE, "run", "--lock-file", lock, "--token", "db", *HEARTBEAT, "--",
+            sys.executable, "-c", CHILD, log, "0"]  # fmt: skip
     return subprocess.run(argv, env=clean_env(), capture_output=True, timeout=60).returncode
 
 
@@ -262,7 +264,10 @@ def test_a_crash_at_any_call_of_an_acquisition_never_repeats_a_generation(
         _prepare(lock_path, start)
         assert _run(lock_path, log, ["-o", trace, "-e", f"trace={call}"]) == 0
         with open(trace, encoding="utf-8") as f:
-            count = sum(f" {call}(" in line for line in f)
+            lines = [line.split(maxsplit=1) for line in f if line.strip()]
+        # strace counts calls per thread: those of pgfence's main thread, the first
+        # traced, make up the acquisition and the release (no heartbeat runs meanwhile).
+        count = sum(rest.startswith(f"{call}(") for tid, rest in lines if tid == lines[0][0])
         handed_out.append(starts(log)[-1][0])
         assert count > 0, f"an acquisition makes no {call} call"
         for occurrence in range(1, count + 1):
