@@ -303,3 +303,22 @@ def test_an_unlink_that_lands_late_fills_the_lock_path_again(
     assert isinstance(left, LockRecord)
     assert (left.instance, left.generation) == (OURS, hold.generation)
     assert left.heartbeat > 0, "the refill is a new state, so watchers start counting again"
+
+
+def test_a_release_repairs_a_generation_file_lowered_by_a_late_writer(lock_path: str) -> None:
+    """A contender that was overtaken while paused in its rename of the generation file
+    lands it late, lowering the file below the holder's generation. The holder's release
+    deletes the lock, the one other place that generation is recorded, so it raises the
+    file again first: the next holder still gets a newer generation."""
+    hold = _backend(lock_path).acquire(_no_sleep)
+    with open(f"{lock_path}.generation", "w") as f:
+        f.write(f"{hold.generation - 1} {OTHER}\n")  # what the late rename left
+    assert hold.release(lambda: True)
+    assert _backend(lock_path, instance="2" * 16).acquire(_no_sleep).generation > hold.generation
+
+
+def test_a_generation_write_past_the_guard_is_not_made(lock_path: str) -> None:
+    lock = LockFile(lock_path, OURS)
+    assert lock.raise_generation(3) == 3
+    assert lock.raise_generation(4, OURS, lambda: False) == 3
+    assert lock.read_generation() == (3, "")

@@ -270,13 +270,16 @@ class LockFile:
             )
         return int(words[0]), words[1] if len(words) == 2 else ""
 
-    def raise_generation(self, value: int, owner: str = "") -> int:
+    def raise_generation(
+        self, value: int, owner: str = "", guard: Callable[[], bool] | None = None
+    ) -> int:
         """Make the generation file say at least `value` (with `owner`: won by it), durably;
         it never moves down. Returns the generation it holds afterwards.
 
         The file is re-read once the new content is complete, just before the rename, so
         a writer that read an older value and writes late does not lower it (unless it
-        pauses exactly between that read and the rename).
+        pauses exactly between that read and the rename); `guard()`, when given, is
+        checked there too (a holder past its deadline writes nothing).
         """
         data = f"{value} {owner}\n" if owner else f"{value}\n"
 
@@ -294,6 +297,8 @@ class LockFile:
             found = holds_enough()
             if found is not None:
                 return found
+            if guard is not None and not guard():
+                return self.read_generation()[0]
             self._rename(temp, f"{self.path}.{GENERATION_SUFFIX}")
             temp = ""
             self._sync_directory()

@@ -83,6 +83,10 @@ class FileHold(Hold):
 
     def release(self, guard: Guard) -> bool:
         with self._mutex:
+            # A writer that read the generation file long ago and renamed its write over it
+            # late may have lowered it; with the lock gone, only the file would tell the
+            # next holder that our generation was used.
+            self._lockfile.raise_generation(self._record.generation, self.instance, guard)
             claim = claim_name(self._record, 1)
             # Should the unlink land late, the path is filled again with a newer heartbeat
             # of ours (which nobody renews) rather than left free: see LockFile.remove.

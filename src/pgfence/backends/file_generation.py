@@ -55,9 +55,9 @@ def confirm_generation(lockfile: LockFile, hold: FileHold, started: float, deadl
     while True:
         current, owner = lockfile.read_generation()
         if current == generation and owner in ("", hold.instance):
-            if lockfile.raise_generation(generation, hold.instance) == generation:
+            if lockfile.raise_generation(generation, hold.instance, in_time) == generation:
                 return
             continue
         generation = max(current, generation) + 1
-        lockfile.raise_generation(generation)
+        lockfile.raise_generation(generation, guard=in_time)
         hold.regenerate(generation, in_time)
