@@ -211,8 +211,9 @@ def test_a_one_line_lock_is_the_only_lock_taken_without_silence(lock_path: str) 
 
 
 class Crash(BaseException):
-    """The process dies here: nothing after this call runs (not even `finally` cleanups
-    that matter: the files are what a SIGKILL would leave)."""
+    """The process dies here: no later step of the acquisition runs. (`finally` blocks
+    still do, unlike after a SIGKILL; on these paths they only remove temporary files.
+    tests/integration/test_protocol_faults.py kills real processes at every call.)"""
 
 
 def _generation_after_crash(lock_path: str, monkeypatch: pytest.MonkeyPatch, call: str) -> int:
@@ -322,3 +323,17 @@ def test_a_generation_write_past_the_guard_is_not_made(lock_path: str) -> None:
     assert lock.raise_generation(3) == 3
     assert lock.raise_generation(4, OURS, lambda: False) == 3
     assert lock.read_generation() == (3, "")
+
+
+def test_a_release_that_dies_after_its_unlink_blocks_nobody(lock_path: str) -> None:
+    """The holder dies (SIGKILL) right after its unlink, before freeing its claim: the
+    lock is free, and the next contender takes it at once (a claim only guards a
+    takeover of the state it names, which is gone) and clears the claim."""
+    hold = _backend(lock_path).acquire(_no_sleep)
+    assert hold.release(lambda: True)
+    claim = LockFile(lock_path, OURS).claim_path(f"{hold.generation + 1}-1")
+    with open(claim, "wb") as f:  # what the SIGKILL left: `finally` never ran
+        f.write(f"instance={OURS}\npid=1\n".encode())
+    nxt = _backend(lock_path, "db-2", "2" * 16).acquire(_no_sleep)
+    assert nxt.generation > hold.generation
+    assert not os.path.exists(claim)
