@@ -38,4 +38,4 @@ def test_a_heartbeat_whose_directory_fsync_failed_still_counts_as_ours(
         hold.renew(lambda: True)
     assert hold.renew(lambda: True) is True
     assert backend.held_by_instance("0123456789abcdef")
-    assert hold.release()
+    assert hold.release(lambda: True)

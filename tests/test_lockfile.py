@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.fence import path_state, write_file
-from pgfence.errors import StorageError
+from pgfence.errors import LockFormatError, StorageError
 from pgfence.lockfile import LockFile, Snapshot
 from pgfence.record import MAX_LOCK_BYTES
 
@@ -96,7 +96,7 @@ def test_symlink_at_lock_path_is_never_followed(lock: LockFile, dangling: bool) 
     assert info.value.exit_code == 74
     assert lock.create(b"other\n") is False  # link(2) does not follow it either
     with pytest.raises(StorageError, match="symlink"):
-        lock.remove(Snapshot(b"db-1\n"))
+        lock.remove(Snapshot(b"db-1\n"), "1-1")
     with pytest.raises(StorageError, match="symlink"):
         lock.renew(Snapshot(b"db-1\n"), b"db-1\nx\n", yes)
     assert path_state(lock.path) == before
@@ -280,13 +280,13 @@ def test_concurrent_takeovers_of_one_state_have_exactly_one_winner(lock: LockFil
 
 def test_remove_deletes_observed_content(lock: LockFile) -> None:
     write_file(lock.path, b"db-1\n")
-    assert lock.remove(Snapshot(b"db-1\n")).ok
+    assert lock.remove(Snapshot(b"db-1\n"), "1-1").ok
     assert lock.read() is None
 
 
 def test_remove_compares_first(lock: LockFile) -> None:
     write_file(lock.path, b"db-1\nbeat=2\n")
-    outcome = lock.remove(Snapshot(b"db-1\nbeat=1\n"))
+    outcome = lock.remove(Snapshot(b"db-1\nbeat=1\n"), "1-1")
     assert not outcome.ok
     assert outcome.found == Snapshot(b"db-1\nbeat=2\n")
     assert lock.read() == Snapshot(b"db-1\nbeat=2\n")
@@ -305,7 +305,7 @@ def test_remove_under_a_busy_claim_is_refused(lock: LockFile) -> None:
 
 
 def test_remove_of_absent_lock(lock: LockFile) -> None:
-    outcome = lock.remove(Snapshot(b"db-1\n"))
+    outcome = lock.remove(Snapshot(b"db-1\n"), "1-1")
     assert not outcome.ok
     assert outcome.found is None
 
@@ -313,20 +313,31 @@ def test_remove_of_absent_lock(lock: LockFile) -> None:
 def test_directory_at_lock_path_is_never_removed(lock: LockFile) -> None:
     os.mkdir(lock.path)
     with pytest.raises(StorageError):
-        lock.remove(Snapshot(b""))
+        lock.remove(Snapshot(b""), "1-1")
     assert os.path.isdir(lock.path)
 
 
-# -- sidecars ----------------------------------------------------------------------------
+# -- the generation file ---------------------------------------------------------------
 
 
-def test_sidecar_round_trip(lock: LockFile) -> None:
-    assert lock.read_sidecar("generation") is None
-    lock.write_sidecar("generation", b"7\n")
-    assert lock.read_sidecar("generation") == b"7\n"
-    lock.write_sidecar("generation", b"8\n")
-    assert lock.read_sidecar("generation") == b"8\n"
+def test_generation_file_round_trip(lock: LockFile) -> None:
+    assert lock.read_generation() == (0, "")
+    assert lock.raise_generation(7) == 7
+    assert lock.read_generation() == (7, "")
+    assert lock.raise_generation(7, "a" * 16) == 7  # marked as won
+    assert lock.read_generation() == (7, "a" * 16)
+    assert lock.raise_generation(7) == 7  # an unmarked reservation never unmarks it
+    assert lock.read_generation() == (7, "a" * 16)
+    assert lock.raise_generation(5) == 7  # never down
+    assert lock.raise_generation(8) == 8
     assert leftovers(lock) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"x\n", b"-1\n", b"1 2 3\n", b"9" * 19 + b"\n"])
+def test_a_bad_generation_file_is_refused(lock: LockFile, content: bytes) -> None:
+    write_file(f"{lock.path}.generation", content)
+    with pytest.raises(LockFormatError):
+        lock.read_generation()
 
 
 def test_remove_claims_only_touches_its_prefix(lock: LockFile) -> None:

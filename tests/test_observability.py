@@ -194,7 +194,8 @@ def test_metrics_endpoint_during_a_run(procs: Registry, tmp_path: Path, mode: st
     assert families["pgfence_lease_age_seconds"].type == "gauge"
     assert value(families, "pgfence_lease_age_seconds") >= 0
     deadline = value(families, "pgfence_lease_deadline_seconds")
-    assert deadline == (1.0 if mode == "lease" else 0.0)  # TTL/2 in lease mode, none in strict
+    # TTL/2 in lease mode; 3 * interval + 1 s in strict mode
+    assert deadline == pytest.approx(1.0 if mode == "lease" else 3 * 0.2 + 1.0)
 
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)

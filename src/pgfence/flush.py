@@ -23,8 +23,6 @@ from pgfence import clock, signals
 from pgfence.struct import Struct
 from pgfence.timings import Timings
 
-STRICT_FLUSH_BOUND = 30.0  # strict mode: nobody takes over; bounded only for the exit
-
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -34,25 +32,16 @@ class FlushResult(Struct):
     detail: str  # what was flushed, or why it failed
 
 
-def margin(timings: Timings) -> float | None:
-    """W - D: from the holder's deadline to the first moment a contender may take over
-    (None without a deadline). W is the silence a contender needs, as the lock record
-    states it (record.silence_required): TTL + lock delay for a lease, 3 heartbeat
-    intervals + 1 s in strict mode (for a strict mode with a deadline)."""
-    if timings.deadline is None:
-        return None
-    if timings.mode == "lease":
-        takeover = timings.ttl + timings.lock_delay
-    else:
-        takeover = 3 * timings.interval + 1.0
-    return takeover - timings.deadline
+def margin(timings: Timings) -> float:
+    """S - D: from the holder's deadline to the first moment a contender may take over
+    (derived in timings.py, with the takeover rule, so the two cannot disagree)."""
+    return timings.margin
 
 
 def flush_bound(timings: Timings) -> float:
     """How long pgfence waits for a flush: half the margin, so that the kill time, a
     stale read, the last write's latency and clock-rate differences keep the other half."""
-    m = margin(timings)
-    return STRICT_FLUSH_BOUND if m is None else m / 2
+    return margin(timings) / 2
 
 
 def filesystems(directories: Sequence[str]) -> list[str]:

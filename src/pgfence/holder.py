@@ -82,7 +82,8 @@ def run(
         try:
             dog = Watchdog(*watchdog)  # armed before anything starts; probed before acquiring
         except StorageError:
-            hold.release()
+            # Nothing started yet; like every release, nothing deleted past the deadline.
+            hold.release(lambda: clock.now() - hold.acquired_clock < timings.deadline)
             raise
         log.event(
             "watchdog_armed",
@@ -119,15 +120,15 @@ def run(
         INSTANCE_ENV: hold.instance,
         LOCK_ENV: backend.location(),
     }
+    renewer = Renewer(hold, timings, metrics, dog)
     try:
         supervisor = Supervisor(list(command), env, user, guardian)
     except CommandError:
-        hold.release()
+        hold.release(renewer.in_time)
         if dog:
             dog.close(magic=True)
         metrics.released()
         raise
-    renewer = Renewer(hold, timings, metrics, dog)
     signals.start_thread(renewer)
     log.event(
         "started",
@@ -203,7 +204,7 @@ def run(
     if dog:
         dog.close(magic=True)  # tree gone and flushed: whatever the release meets now
     metrics.released()
-    if hold.release():
+    if hold.release(renewer.in_time):  # like a renewal: nothing deleted past the deadline
         log.event(
             "released",
             f"{command[0]} exited with status {status}; released {backend.location()}",

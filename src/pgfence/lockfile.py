@@ -12,7 +12,10 @@ lock path never goes missing while it is being rewritten (a missing lock means "
 - `takeover` replaces someone else's lock only if it still holds what the caller observed.
   Contenders first create a claim file named after the takeover (again with link(2)), so
   of many that decide at once exactly one goes on to verify and rename.
-- `remove` deletes a lock only if it still holds what the caller observed.
+- `remove` deletes a lock only if it still holds what the caller observed, under the same
+  claim a takeover of that state takes, and (for its holder) only before its deadline.
+- `raise_generation` moves `<lock>.generation` up, never down; acquisitions reserve their
+  generation there before they create or take over the lock.
 
 A symlink at the lock path is refused (O_NOFOLLOW), never followed.
 """
@@ -23,7 +26,7 @@ import errno
 import os
 import stat
 
-from pgfence.errors import StorageError, storage_error
+from pgfence.errors import LockFormatError, StorageError, storage_error
 from pgfence.record import MAX_LOCK_BYTES
 from pgfence.struct import Struct
 
@@ -31,6 +34,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+GENERATION_SUFFIX = "generation"  # `<lock>.generation`: the highest generation handed out
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -68,10 +72,6 @@ class LockFile:
         """The lock's current content, or None when there is no lock file."""
         data = self._read_regular(self.path, "lock file")
         return None if data is None else Snapshot(data)
-
-    def read_sidecar(self, suffix: str) -> bytes | None:
-        """A small file next to the lock (`<lock>.<suffix>`), or None if absent."""
-        return self._read_regular(f"{self.path}.{suffix}", "file")
 
     def _read_regular(self, path: str, what: str) -> bytes | None:
         try:
@@ -151,7 +151,11 @@ class LockFile:
                 self._unlink_quietly(temp)
 
     def takeover(
-        self, expected: Snapshot, data: bytes, claim: str, guard: Callable[[], bool]
+        self,
+        expected: Snapshot,
+        data: bytes | Callable[[], bytes],
+        claim: str,
+        guard: Callable[[], bool],
     ) -> Outcome:
         """Replace another holder's lock with `data` if it still holds `expected`.
 
@@ -170,7 +174,7 @@ class LockFile:
         temp = ""
         replaced = False
         try:
-            temp = self._write_temp(data)
+            temp = self._write_temp(data if isinstance(data, bytes) else data())
             current = self.read()
             if current != expected or not guard():
                 return Outcome(False, current)
@@ -185,24 +189,55 @@ class LockFile:
             if replaced or guard():
                 self._unlink_quietly(claim_path)
 
-    def remove(self, expected: Snapshot, claim: str | None = None) -> Outcome:
-        """Delete the lock if it still holds `expected` (under a claim, for other holders)."""
-        claim_path = self.claim_path(claim) if claim else ""
-        if claim_path and not self._link_new(claim_path, self._claim_content()):
-            return Outcome(False, None, busy=True)
+    def remove(
+        self,
+        expected: Snapshot,
+        claim: str,
+        guard: Callable[[], bool] | None = None,
+        refill: bytes | None = None,
+    ) -> Outcome:
+        """Delete the lock if it still holds `expected`, under the takeover `claim` of that
+        state (a release and a takeover of the same state exclude each other).
+
+        `guard()` (the holder's deadline) is checked immediately before the unlink, after
+        the claim, the read and the compare, so a pause anywhere before it is caught. A
+        pause in the unlink itself is not: if `guard()` fails right after it, the unlink
+        may have landed late, on a successor's lock, and the path is filled again at once
+        with `refill` (create-only, so it never displaces a lock): a third contender
+        then has to wait out that lock's silence instead of creating one at once, and the
+        successor stops at its next renewal. Outcome.ok is then False.
+
+        The claim is freed if the lock was deleted (its state is gone, so the claim
+        protects nothing), or if `guard()` still allows; a claim held past the guard's
+        limit stays, for the same reason as in `takeover`, until a winner removes it.
+        """
+        claim_path = self.claim_path(claim)
+        refill_temp = self._write_temp(refill) if refill is not None else ""
+        removed = False
         try:
-            current = self.read()
-            if current != expected:
-                return Outcome(False, current)
+            if not self._link_new(claim_path, self._claim_content()):
+                return Outcome(False, None, busy=True)
             try:
-                os.unlink(self.path)
-            except OSError as exc:
-                raise storage_error(exc, "remove lock file", self.path) from None
-            self._sync_directory()
-            return Outcome(True)
+                current = self.read()
+                if current != expected or (guard is not None and not guard()):
+                    return Outcome(False, current)
+                try:
+                    os.unlink(self.path)
+                except OSError as exc:
+                    raise storage_error(exc, "remove lock file", self.path) from None
+                removed = True
+                if refill_temp and guard is not None and not guard():
+                    self._link(refill_temp, self.path)
+                    self._sync_directory()
+                    return Outcome(False, None)
+                self._sync_directory()
+                return Outcome(True)
+            finally:
+                if removed or guard is None or guard():
+                    self._unlink_quietly(claim_path)
         finally:
-            if claim_path:
-                self._unlink_quietly(claim_path)
+            if refill_temp:
+                self._unlink_quietly(refill_temp)
 
     def claim_path(self, claim: str) -> str:
         return f"{self.path}.takeover-{claim}"
@@ -221,13 +256,53 @@ class LockFile:
             if name.startswith(start):
                 self._unlink_quietly(os.path.join(self.directory, name))
 
-    def write_sidecar(self, suffix: str, data: bytes) -> None:
-        """Atomically replace `<lock>.<suffix>` (only the lock's holder writes these)."""
-        temp = self._write_temp(data)
+    def read_generation(self) -> tuple[int, str]:
+        """The generation file: (the highest generation handed out or reserved, and the
+        instance that won it, "" while it is only reserved); (0, "") when absent."""
+        data = self._read_regular(f"{self.path}.{GENERATION_SUFFIX}", "generation file")
+        if data is None:
+            return 0, ""
+        words = data.decode("ascii", "replace").split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 18:
+            raise LockFormatError(
+                f"{self.path}.{GENERATION_SUFFIX} does not hold a generation number; "
+                "restore it, or remove it if no server runs on this data directory"
+            )
+        return int(words[0]), words[1] if len(words) == 2 else ""
+
+    def raise_generation(
+        self, value: int, owner: str = "", guard: Callable[[], bool] | None = None
+    ) -> int:
+        """Make the generation file say at least `value` (with `owner`: won by it), durably;
+        it never moves down. Returns the generation it holds afterwards.
+
+        The file is re-read once the new content is complete, just before the rename, so
+        a writer that read an older value and writes late does not lower it (unless it
+        pauses exactly between that read and the rename); `guard()`, when given, is
+        checked there too (a holder past its deadline writes nothing).
+        """
+        data = f"{value} {owner}\n" if owner else f"{value}\n"
+
+        def holds_enough() -> int | None:
+            current, current_owner = self.read_generation()
+            if current > value or (current == value and (current_owner or not owner)):
+                return current
+            return None
+
+        found = holds_enough()
+        if found is not None:
+            return found
+        temp = self._write_temp(data.encode())
         try:
-            self._rename(temp, f"{self.path}.{suffix}")
+            found = holds_enough()
+            if found is not None:
+                return found
+            if guard is not None and not guard():
+                return self.read_generation()[0]
+            self._rename(temp, f"{self.path}.{GENERATION_SUFFIX}")
             temp = ""
             self._sync_directory()
+            return value
         finally:
             if temp:
                 self._unlink_quietly(temp)

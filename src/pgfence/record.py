@@ -113,14 +113,12 @@ class LockRecord(Struct):
         return self.replace(heartbeat=self.heartbeat + 1, clock=clock, heartbeat_at=wall)
 
     def silence_required(self) -> float:
-        """How long a reader must see no heartbeat before calling this holder silent.
+        """How long a reader must see no heartbeat before calling this holder silent: the
+        takeover rule for this record (see timings.py, which derives it with the holder's
+        self-fence deadline)."""
+        from pgfence.timings import takeover_silence  # timings imports this module
 
-        Strict mode: three missed renewals plus a second of slack for slow storage.
-        Lease mode: the takeover rule, TTL plus lock-delay.
-        """
-        if self.mode == "lease":
-            return self.ttl + self.lock_delay
-        return 3 * self.interval + 1.0
+        return takeover_silence(self)
 
     def encode(self) -> bytes:
         fields = [
@@ -148,6 +146,14 @@ if TYPE_CHECKING:
     from typing import Union
 
     Holder = Union[LegacyLock, LockRecord]
+
+
+def generation_of(holder: Holder) -> int:
+    """The generation a lock records: a pgfence record's, a sh shim lock's, or 0 for a
+    one-line lock, which records none."""
+    if isinstance(holder, ShimLock):
+        return holder.record.generation
+    return holder.generation if isinstance(holder, LockRecord) else 0
 
 
 def _fmt(value: float) -> str:

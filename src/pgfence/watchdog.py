@@ -42,17 +42,12 @@ MAGIC_CLOSE = b"V"
 
 
 def timeout_for(timings: Timings) -> int:
-    """Whole seconds T with D + T safely below W; UsageError if the timings leave none."""
+    """Whole seconds T with D + T safely below S; UsageError if the timings leave none."""
     m = margin(timings)
-    if m is None:
-        raise UsageError(
-            "--watchdog needs a self-fence deadline, which only lease mode has "
-            "(--mode lease), or --watchdog off"
-        )
     seconds = math.floor(m - max(1.0, m / 10))
     if seconds < 1 or seconds <= timings.interval:
         raise UsageError(
-            f"--watchdog: the margin W - D is {m:.3g} s, too short for a watchdog timeout "
+            f"--watchdog: the margin S - D is {m:.3g} s, too short for a watchdog timeout "
             "of at least 1 s (and longer than a renewal interval) with 1 s to spare; "
             "raise --ttl (3 s or more fits with the default lock delay) or --lock-delay, "
             "or use --watchdog off"

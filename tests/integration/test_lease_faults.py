@@ -300,11 +300,12 @@ def test_storage_fault_makes_the_holder_kill_its_server_and_exit_75(
 def test_negative_control_strict_holder_keeps_serving_on_storage_fault(
     procs: Registry, cluster: str, shared_dir: str, lock_fs: Tmpfs
 ) -> None:
-    """Strict mode never fences on a failed heartbeat (nobody may take its lock over):
-    with the same fault the server keeps serving, and the harness sees that."""
+    """A holder whose deadline is far off (strict mode, 10 s heartbeat: it fences only
+    3 * 10 + 1 s after its last one) keeps serving through the same fault while the test
+    watches, well past a lease holder's deadline, and the harness sees that."""
     lock = os.path.join(lock_fs.path, "fence_lock")
     node = Node(procs, "strict-a", shared_dir, cluster)
-    node.start(lock, "--allow-other-filesystem", mode="strict")
+    node.start(lock, "--allow-other-filesystem", "--heartbeat-interval", "10", mode="strict")
     node.wait_ready()
     with Writer([node.port], os.path.join(shared_dir, "acks.log")) as writer:
         writer.wait_acks(node.port, 5)

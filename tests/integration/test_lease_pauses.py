@@ -22,10 +22,9 @@ from harness.contenders import Contender, child_intervals, overlaps, record_stop
 from harness.faults import foreign_record, write_atomically
 from harness.lease import DEADLINE, TAKEOVER_WAIT, events, read_lock, wait_for
 from harness.procs import Registry, alive
-from pgfence.backends.file import _claim_limit
 from pgfence.lockfile import LockFile
 from pgfence.record import LockRecord, parse
-from pgfence.timings import Timings
+from pgfence.timings import Timings, claim_limit
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
 needs_strace = pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
@@ -47,12 +46,14 @@ def strace_delay(seconds: float, occurrence: int = 1) -> list[str]:
 def test_acquisition_stalled_past_the_deadline_never_starts_the_command(
     procs: Registry, shared_dir: str, lock_path: str
 ) -> None:
-    """The write that records the new generation (strace delays its rename(2)) stalls
-    longer than the fence deadline right after the lock was taken: the lease may already
-    be lost, so pgfence must not start the command at all (not start it and kill it a
-    moment later), exit 75, and leave the lock as it is."""
+    """The write that marks the new generation as won (strace delays its rename(2), the
+    second: the first reserved it) stalls longer than the fence deadline right after the
+    lock was taken: the lease may already be lost, so pgfence must not start the command
+    at all (not start it and kill it a moment later), exit 75, and leave the lock as it
+    is."""
     log = os.path.join(shared_dir, "intervals.log")
-    stalled = Contender(procs, shared_dir, lock_path, log, 0, prefix=strace_delay(1.5 * DEADLINE))
+    delayed = strace_delay(1.5 * DEADLINE, occurrence=2)
+    stalled = Contender(procs, shared_dir, lock_path, log, 0, prefix=delayed)
     assert stalled.proc.wait(30) == 75
     assert events(stalled.stderr, "acquired")
     assert not events(stalled.stderr, "started")
@@ -69,7 +70,8 @@ def test_contender_paused_before_its_rename_does_not_start_over_a_newer_holder(
     procs: Registry, shared_dir: str, lock_path: str
 ) -> None:
     """A contender paused between its last check and its rename (strace delays that one
-    rename(2) by longer than its claim limit). Another contender meanwhile calls the claim
+    rename(2), the second: the first reserved the generation, by longer than its claim
+    limit). Another contender meanwhile calls the claim
     abandoned, takes the lease over and starts its child; then the late rename lands over
     its lease. The late contender must not start its child until the overtaken holder,
     which sees its lock lost at its next renewal, has killed its own: the two children
@@ -80,7 +82,7 @@ def test_contender_paused_before_its_rename_does_not_start_over_a_newer_holder(
     write_atomically(lock_path, foreign_record(None, "dead-holder"))
     # Long enough for the other contender to wait out the lease, then the claim.
     delay = 3 * TAKEOVER_WAIT + 1
-    late = Contender(procs, shared_dir, lock_path, log, 0, prefix=strace_delay(delay))
+    late = Contender(procs, shared_dir, lock_path, log, 0, prefix=strace_delay(delay, 2))
     claim = f"{lock_path}.takeover-2-1"
     wait_for(lambda: os.path.exists(claim), 30, "the late contender's claim", 0.01)
     other = Contender(procs, shared_dir, lock_path, log, 1)  # finds that claim busy
@@ -166,6 +168,6 @@ def test_a_claim_is_given_up_before_any_contender_may_call_it_abandoned(
     holder = parse(record, "lock")
     assert isinstance(holder, LockRecord) and holder.ttl == holder_ttl
     waits = [Timings.lease(ttl).takeover_wait(holder) for ttl in (2.0, 30.0, 300.0)]
-    limits = [_claim_limit(holder, w) for w in waits]
+    limits = [claim_limit(holder, w) for w in waits]
     abandoned_after = [max(w, 2 * lim) for w, lim in zip(waits, limits)]
     assert max(limits) <= min(abandoned_after) / 2

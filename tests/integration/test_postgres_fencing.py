@@ -117,8 +117,9 @@ def status(lock: str, *options: str) -> dict[str, object]:
 
 
 def generation(lock: str) -> str:
+    """The highest generation in `<lock>.generation` (followed by the winner's instance)."""
     with open(f"{lock}.generation") as f:
-        return f.read().strip()
+        return f.read().split()[0]
 
 
 @pytest.fixture

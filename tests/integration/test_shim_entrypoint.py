@@ -79,8 +79,9 @@ def query(port: int, sql: str) -> str:
 
 
 def generation(lock: str) -> str:
+    """The highest generation in `<lock>.generation` (followed by the winner's instance)."""
     with open(f"{lock}.generation") as f:
-        return f.read().strip()
+        return f.read().split()[0]
 
 
 @pytest.mark.timeout(240)

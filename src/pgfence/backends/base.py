@@ -13,7 +13,7 @@ from pgfence import clock, log
 from pgfence.errors import FencedOut
 from pgfence.record import LockRecord
 from pgfence.struct import Struct
-from pgfence.timings import Timings
+from pgfence.timings import Timings, stale_after, takeover_silence
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see struct.py)
 if TYPE_CHECKING:
@@ -57,8 +57,10 @@ class Hold(ABC):
         """
 
     @abstractmethod
-    def release(self) -> bool:
-        """Give the fence up if it is still ours; False if it was not ours any more."""
+    def release(self, guard: Guard) -> bool:
+        """Give the fence up if it is still ours and `guard()` allows it, checked
+        immediately before the deleting call, as for a renewal: a holder past its
+        deadline deletes nothing. False when the fence was left as it is."""
 
     @abstractmethod
     def child_environment(self) -> dict[str, str]:
@@ -125,19 +127,19 @@ def judge_liveness(
 ) -> LockState:
     """Is `holder` alive? Exact on the same kernel boot (same monotonic clock), else by
     watching its heartbeat for `observe` seconds (default: long enough to call it silent)."""
-    stale_after = 2 * holder.interval + 1.0
+    stale = stale_after(holder)
     if holder.boot_id == clock.boot_id():
         age = clock.now() - holder.clock
         if age >= -1.0:
             age = max(age, 0.0)
-            return LockState(where, holder, ours, age <= stale_after, age, "same-boot clock", 0.0)
-    limit = min(holder.silence_required(), stale_after) if observe is None else observe
+            return LockState(where, holder, ours, age <= stale, age, "same-boot clock", 0.0)
+    limit = min(takeover_silence(holder), stale) if observe is None else observe
     outcome, watched = watch_for(limit)
     if outcome == "gone":
         return LockState(where, None, False, None, None, "none", watched)
     if outcome == "moved":
         return LockState(where, holder, ours, True, watched, "observed", watched)
-    alive = False if watched >= stale_after else None
+    alive = False if watched >= stale else None
     return LockState(where, holder, ours, alive, watched, "observed", watched)
 
 

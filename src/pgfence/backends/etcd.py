@@ -194,7 +194,7 @@ class EtcdBackend(Backend):
         hold = EtcdHold(self._fence, record, value, lease, granted, started)
         hold.write_generation()
         if clock.now() - started >= self.deadline:
-            hold.release()
+            hold.release(lambda: True)  # compares our create revision: never a successor's
             raise StorageError(
                 f"acquiring {self.location()} took longer than the fence deadline "
                 f"({self.deadline:.3g} s); etcd is too slow for this TTL"

@@ -198,8 +198,10 @@ class EtcdHold(Hold):
             record = mine.next_beat(clock.now(), clock.wall_iso())
         raise LockLost(f"{self._fence.location()} {self._fence.now_holds(found)}")
 
-    def release(self) -> bool:
+    def release(self, guard: Guard) -> bool:
         with self._mutex:
+            if not guard():
+                return False  # past the deadline: the key expires with its lease
             key, slow = self._key, self._fence.slow
             try:
                 ok, _ = self._client.txn(

@@ -6,13 +6,16 @@ Who may take the lock (the policy; `lockfile.py` does the atomic writes):
     ---------------    --------------   -------------------   ------------------------------
     none               -                take it               take it
     one-line (legacy)  ours             take it (seed rule)   take it (seed rule)
-    pgfence record     ours, other      take it after the     same
-                       instance         observation period;
+    pgfence record     ours, other      take it after its     same (waiting instead of 73)
+                       instance         takeover wait S;
                                         73 if it heartbeats
     any                another token    73                    strict or one-line lock: never
                                                               taken over (wait for release);
                                                               lease: take over after TTL +
                                                               lock-delay of silence
+
+Every S is longer than the holder's self-fence deadline plus a margin (timings.py derives
+both from the record). docs/protocol.md lists every step of every path, call by call.
 
 "Silence" is always judged by reading the lock's content on this machine's monotonic
 clock, never by timestamps or mtimes (NFS caches attributes, and hosts' clocks differ).
@@ -35,10 +38,11 @@ from pgfence.backends.base import (
     watch,
     watch_progress,
 )
-from pgfence.errors import FencedOut, LockFormatError, LockLost, StorageError
+from pgfence.backends.file_generation import confirm_generation, reserve_generation
+from pgfence.errors import FencedOut, LockFormatError, LockLost
 from pgfence.lockfile import LockFile, NotDurable, Snapshot
-from pgfence.record import LegacyLock, LockRecord, ShimLock, parse
-from pgfence.timings import MIN_TTL, Timings
+from pgfence.record import LegacyLock, LockRecord, generation_of, parse
+from pgfence.timings import Timings, claim_abandoned_after, claim_limit, takeover_silence
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,7 +51,6 @@ if TYPE_CHECKING:
     from pgfence.backends.base import Guard, Sleep
     from pgfence.record import Holder
 
-GENERATION_SIDECAR = "generation"
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
 
 
@@ -78,9 +81,30 @@ class FileHold(Hold):
                 return False  # still ours, but the guard said it is too late to write
             raise LockLost(f"the lock at {self._lockfile.path} {_now_holds(outcome.found)}")
 
-    def release(self) -> bool:
+    def release(self, guard: Guard) -> bool:
         with self._mutex:
-            return self._lockfile.remove(self._written).ok
+            # A writer that read the generation file long ago and renamed its write over it
+            # late may have lowered it; with the lock gone, only the file would tell the
+            # next holder that our generation was used.
+            self._lockfile.raise_generation(self._record.generation, self.instance, guard)
+            claim = claim_name(self._record, 1)
+            # Should the unlink land late, the path is filled again with a newer heartbeat
+            # of ours (which nobody renews) rather than left free: see LockFile.remove.
+            refill = self._record.next_beat(clock.now(), clock.wall_iso()).encode()
+            return self._lockfile.remove(self._written, claim, guard, refill).ok
+
+    def regenerate(self, generation: int, guard: Guard) -> None:
+        """Rewrite our fresh lock with another generation (see confirm_generation)."""
+        with self._mutex:
+            record = self._record.replace(generation=generation, heartbeat=1)
+            outcome = self._lockfile.renew(self._written, record.encode(), guard)
+            if not outcome.ok:
+                raise LockLost(
+                    f"the lock at {self._lockfile.path} {_now_holds(outcome.found)} "
+                    "right after it was taken"
+                )
+            self._record, self._written = record, Snapshot(record.encode())
+            self.generation = generation
 
     def child_environment(self) -> dict[str, str]:
         return {"PGFENCE_LOCK_FILE": self._lockfile.path}
@@ -126,7 +150,7 @@ class FileBackend(Backend):
             needed = self._silence_needed(holder, changes)
             silent = now - since
             if needed is not None and silent >= needed:
-                claim = f"{self._next_generation(holder)}-{attempt}"
+                claim = claim_name(holder, attempt)
                 hold, busy_claim = self._takeover(snapshot, holder, claim, needed)
                 if hold:
                     return hold
@@ -135,7 +159,7 @@ class FileBackend(Backend):
                     continue  # lock changed, or the other claimer finished: look again
                 if claim_seen is None or claim_seen[:2] != (claim, busy):
                     claim_seen = (claim, busy, now)
-                elif now - claim_seen[2] >= max(needed, 2 * _claim_limit(holder, needed)):
+                elif now - claim_seen[2] >= claim_abandoned_after(holder, needed):
                     # The claimer stopped (crashed, or stalled past its own limit, which
                     # is at most half this long) while the lock stayed unchanged: use the
                     # next attempt's claim name.
@@ -179,7 +203,7 @@ class FileBackend(Backend):
                 )
             if holder.mode == "lease":
                 return self._timings.takeover_wait(holder)
-            return holder.silence_required()
+            return takeover_silence(holder)
         if self._timings.mode == "strict":
             raise FencedOut(f"fenced out: {where} is held by {holder.describe()}")
         if holder.mode == "strict":
@@ -196,28 +220,39 @@ class FileBackend(Backend):
         return self._timings.takeover_wait(holder)
 
     def _create(self) -> FileHold | None:
-        record = self._new_record(self._next_generation(None))
+        started = clock.now()
+        generation = reserve_generation(self._lockfile, None)
+        record = self._new_record(generation, started)
         if not self._lockfile.create(record.encode()):
             return None
+        # Claims to take over a lock of the generation before ours (a released holder's,
+        # left by a crash) protect nothing any more.
+        self._lockfile.remove_claims(f"{generation}-")
         return self._won(record, "acquired", "free")
 
     def _takeover(
         self, snapshot: Snapshot, holder: Holder, claim: str, needed: float
     ) -> tuple[FileHold | None, bool]:
         """Try to replace `snapshot`: (our hold, False) or (None, whether the claim was busy)."""
-        record = self._new_record(self._next_generation(holder))
         started = clock.now()
-        limit = _claim_limit(holder, needed)
+        limit = claim_limit(holder, needed)
+        built: list[LockRecord] = []
 
         def in_time() -> bool:
             # A claimer that stalled past its limit may meet a contender that has given
             # its claim up for abandoned: it must not write (nor free the claim).
             return clock.now() - started < limit
 
-        outcome = self._lockfile.takeover(snapshot, record.encode(), claim, in_time)
+        def build() -> bytes:
+            # Under the claim: only one contender of this state reserves a generation.
+            built.append(self._new_record(reserve_generation(self._lockfile, holder), started))
+            return built[-1].encode()
+
+        outcome = self._lockfile.takeover(snapshot, build, claim, in_time)
         if not outcome.ok:
             return None, outcome.busy
-        self._lockfile.remove_claims(f"{record.generation}-")
+        record = built[-1]
+        self._lockfile.remove_claims(claim_name(holder, None))
         if not in_time():
             # Paused between the last check and the rename: a contender may have called
             # our claim abandoned, taken the lock over and started its server, and our
@@ -236,43 +271,23 @@ class FileBackend(Backend):
 
     def _won(self, record: LockRecord, verb: str, previous: str) -> FileHold:
         hold = FileHold(self._lockfile, record)
-        try:
-            self._lockfile.write_sidecar(GENERATION_SIDECAR, f"{record.generation}\n".encode())
-        except StorageError:
-            hold.release()
-            raise
+        confirm_generation(self._lockfile, hold, record.clock, self._timings.deadline)
         log.event(
             "acquired",
             f"{verb} {self._lockfile.path} as token {record.token!r} "
-            f"(generation {record.generation}; previously {previous}); "
+            f"(generation {hold.generation}; previously {previous}); "
             f"{self._timings.describe()}",
             lock=self._lockfile.path,
             token=record.token,
             instance=record.instance,
-            generation=record.generation,
+            generation=hold.generation,
             mode=record.mode,
             previous=previous,
         )
         return hold
 
-    def _next_generation(self, holder: Holder | None) -> int:
-        """One more than any generation this lock has had (lock file or its sidecar)."""
-        data = self._lockfile.read_sidecar(GENERATION_SIDECAR)
-        last = 0
-        if data is not None:
-            text = data.decode("ascii", "replace").strip()
-            if not text.isdigit() or len(text) > 18:
-                raise LockFormatError(
-                    f"{self._lockfile.path}.{GENERATION_SIDECAR} does not hold a generation "
-                    "number; restore it, or remove it if no server runs on this data directory"
-                )
-            last = int(text)
-        if holder is not None:
-            last = max(last, _generation_of(holder))
-        return last + 1
-
-    def _new_record(self, generation: int) -> LockRecord:
-        return fresh_record(self._token, self._instance, self._timings, generation, clock.now())
+    def _new_record(self, generation: int, started: float) -> LockRecord:
+        return fresh_record(self._token, self._instance, self._timings, generation, started)
 
     # -- operator commands -----------------------------------------------------------
 
@@ -308,21 +323,62 @@ class FileBackend(Backend):
                     "pgfence cannot tell whether its holder still runs; make sure no server "
                     "runs on this data directory, then use `pgfence release --force`"
                 )
-            needed = holder.silence_required()
+            needed = takeover_silence(holder)
             seen, _ = self._watch(snapshot, needed, sleep, watch_progress(holder, needed))
             if seen == "moved":
                 raise refuse_live_holder(where, holder)
-        # The first takeover claim of this state: a release and a takeover of the same
-        # lock exclude each other, so a release can never delete a fresh takeover.
-        claim = f"{_generation_of(holder) + 1 if holder else 1}-1"
-        outcome = self._lockfile.remove(snapshot, claim)
-        if not outcome.ok:
-            now = "is being taken over" if outcome.busy else _now_holds(outcome.found)
-            raise FencedOut(
-                f"not released: {where} changed while it was being released "
-                f"(it now {now}); look again with `pgfence status`"
-            )
+        if holder is not None and generation_of(holder):
+            # Whatever the generation file says (lost, restored, or behind because the
+            # holder crashed right after winning), the next holder gets a newer one.
+            self._lockfile.raise_generation(generation_of(holder), "released")
+        self._remove_under_claim(snapshot, holder, sleep)
         return report_removed(where, holder, first_line, force)
+
+    def _remove_under_claim(self, snapshot: Snapshot, holder: Holder | None, sleep: Sleep) -> None:
+        """Delete `snapshot` under the takeover claim of that state, so a release and a
+        takeover of the same lock exclude each other and a release never deletes a fresh
+        takeover. A claim left by a contender that died stays: after watching it (and the
+        lock) unchanged as long as a contender would, move on to the next attempt's."""
+        where = self._lockfile.path
+        needed = takeover_silence(holder) if isinstance(holder, LockRecord) else 0.0
+        attempt = 1
+        seen: tuple[str, bytes, float] | None = None
+        while True:
+            claim = claim_name(holder, attempt)
+            outcome = self._lockfile.remove(snapshot, claim)
+            if outcome.ok:
+                if isinstance(holder, LockRecord):
+                    # That state is gone: claims left on it protect nothing. (One-line
+                    # locks all share claim names, so theirs stay.)
+                    self._lockfile.remove_claims(claim_name(holder, None))
+                return
+            busy = self._lockfile.read_claim(claim) if outcome.busy else None
+            current = self._lockfile.read()
+            if current != snapshot:
+                raise FencedOut(
+                    f"not released: {where} changed while it was being released "
+                    f"(it now {_now_holds(current)}); look again with `pgfence status`"
+                )
+            if busy is None:
+                continue  # the claimer finished meanwhile: look again
+            now = clock.now()
+            if seen is None or seen[:2] != (claim, busy):
+                seen = (claim, busy, now)
+                log.event(
+                    "waiting",
+                    f"{where} has a takeover claim {claim}; waiting to see whether its "
+                    f"claimer is alive (up to {claim_abandoned_after(holder, needed):.3g} s)",
+                    claim=claim,
+                )
+            elif now - seen[2] >= claim_abandoned_after(holder, needed):
+                log.event(
+                    "claim_abandoned",
+                    f"takeover claim {claim} looks abandoned; trying the next one",
+                    level="warning",
+                    claim=claim,
+                )
+                attempt += 1
+            sleep(self._timings.poll)
 
     def held_by_instance(self, instance: str) -> bool:
         snapshot = self._lockfile.read()
@@ -352,26 +408,13 @@ class FileBackend(Backend):
         )
 
 
-def _generation_of(holder: Holder) -> int:
-    """The generation a lock records (0 for a one-line lock, which records none)."""
-    if isinstance(holder, ShimLock):
-        return holder.record.generation
-    return holder.generation if isinstance(holder, LockRecord) else 0
-
-
-def _claim_limit(holder: Holder, needed: float) -> float:
-    """How long a takeover of `holder`'s lock may hold its claim before giving up.
-
-    Contenders call a claim abandoned only after seeing it unchanged for twice this long
-    (see `acquire`), so a claimer within its limit is never overtaken, even by a
-    contender that waits less than we do: every contender of a lease waits at least the
-    holder's own TTL (never less than MIN_TTL) plus its lock-delay, whatever TTL each
-    was given; for other locks the wait depends on the holder alone.
-    """
-    floor = needed
-    if isinstance(holder, LockRecord) and holder.mode == "lease":
-        floor = min(needed, max(MIN_TTL, holder.ttl) + holder.lock_delay)
-    return max(floor / 2, 1.0)
+def claim_name(holder: Holder | None, attempt: int | None) -> str:
+    """The takeover claim of `holder`'s lock state for `attempt` (a release uses the
+    first; None: the prefix of all attempts). It depends on the lock alone, so every
+    contender, releaser and the holder itself name the same claim for the same state:
+    `<generation + 1>-<attempt>`."""
+    generation = generation_of(holder) if holder is not None else 0
+    return f"{generation + 1}-{'' if attempt is None else attempt}"
 
 
 def _waiting_message(holder: Holder, silent: float, needed: float | None) -> str:
