@@ -48,8 +48,8 @@ def test_timeout_fits_inside_the_margin(ttl: float, timeout: int) -> None:
 def test_timeout_refused_when_the_margin_is_too_short() -> None:
     with pytest.raises(UsageError, match="too short"):
         watchdog.timeout_for(Timings.lease(2.0))
-    with pytest.raises(UsageError, match="lease mode"):
-        watchdog.timeout_for(Timings.strict(2.0))
+    # Strict mode has a deadline too (3 intervals + 1 s, taken over after twice that):
+    assert watchdog.timeout_for(Timings.strict(2.0)) == 6
 
 
 @pytest.mark.parametrize(
@@ -58,7 +58,6 @@ def test_timeout_refused_when_the_margin_is_too_short() -> None:
         ("missing", LEASE, 74, "No such file"),
         ("file", LEASE, 74, "not a watchdog device"),
         ("file", ("--mode", "lease", "--ttl", "2"), 64, "too short"),
-        ("file", (), 64, "lease mode"),
     ],
 )
 def test_required_refuses_without_a_usable_watchdog(
@@ -223,10 +222,8 @@ def test_no_keepalive_after_renewals_fail(procs: Registry, tmp_path: Path) -> No
 
 
 def test_margin_and_flush_bound_follow_the_takeover_rule() -> None:
-    from pgfence.flush import STRICT_FLUSH_BOUND, flush_bound, margin
+    from pgfence.flush import flush_bound, margin
 
     assert margin(Timings.lease(30.0)) == 22.5 and flush_bound(Timings.lease(30.0)) == 11.25
-    assert margin(Timings.strict(2.0)) is None
-    assert flush_bound(Timings.strict(2.0)) == STRICT_FLUSH_BOUND
-    # a strict mode with a deadline: taken over after 3 intervals + 1 s of silence
-    assert margin(Timings("strict", 2.0, 0.0, 0.0, 5.0, 0.5)) == 2.0
+    # strict: deadline D = 3 intervals + 1 s, a same-token takeover after 2 D
+    assert margin(Timings.strict(2.0)) == 7.0 and flush_bound(Timings.strict(2.0)) == 3.5

@@ -209,6 +209,8 @@ read_generation() {
   last=0
   if check_plain_file "$lock.generation" file; then
     last=$(cat "$lock.generation" 2>/dev/null) || die 74 "cannot read $lock.generation"
+    # pgfence writes "N" or "N <instance>" (who won N): the number comes first.
+    last=${last%% *}
     case $last in
       '' | *[!0-9]*) bad=1 ;;
       *) bad=$([ "${#last}" -gt 18 ] && echo 1) ;;
@@ -300,6 +302,7 @@ create_lock() {
 # generation the file does not record.
 record_generation() {
   recorded=$(cat "$lock.generation" 2>/dev/null) || recorded=0
+  recorded=${recorded%% *}
   case $recorded in '' | *[!0-9]*) recorded=0 ;; esac
   if [ "${#recorded}" -le 18 ] && [ "$recorded" -ge "$generation" ]; then
     return 0 # a newer holder wrote more meanwhile (a takeover under the same token)
