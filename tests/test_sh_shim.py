@@ -424,7 +424,8 @@ def test_pgfence_with_the_same_token_takes_a_shim_lock_as_the_seed_rule_says(
     assert run.returncode == 0, run.stderr
     assert shim.called() == ["db-1"]
     assert not os.path.exists(shim.lock)
-    assert read_text(f"{shim.lock}.generation").split()[0] == "2"  # the next generation after the shim's
+    # the next generation after the shim's:
+    assert read_text(f"{shim.lock}.generation").split()[0] == "2"
 
 
 def test_shim_respects_pgfence_locks(shim: Setup) -> None:
