@@ -54,9 +54,9 @@ from pgfence.backends.base import (
     watch_progress,
 )
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
-from pgfence.backends.etcd_config import open_client
+from pgfence.backends.etcd_config import minimum_lock_delay, open_client
 from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
-from pgfence.errors import FencedOut, LockFormatError, PgfenceError, StorageError
+from pgfence.errors import FencedOut, LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LockRecord
 from pgfence.timings import Timings
 
@@ -105,31 +105,56 @@ class EtcdBackend(Backend):
         watched: KeyValue | None = None
         beats = 0  # how often the watched holder's heartbeat moved
         previous = "free"
-        vanished_at: float | None = None  # when a key we saw held disappeared
+        absent_since: float | None = None  # first of the reads, all since, that found no key
+        delay = self._timings.lock_delay
+        pending: dict[int, int] = {}  # lease -> its TTL, of creates whose answer was lost
         # A waiting contender says at once whom it waits for, and why; one that gives
         # up at the first sign of a live holder (--no-wait) ends with one error line.
         next_progress = clock.now() + (0.0 if self._wait else PROGRESS_EVERY)
         timings = f" ({self._timings.describe()})"  # in the first message only
+        announced = False
         while True:
             try:
                 kv = self._fence.read()
                 contacted = True
+                if kv is not None and kv.lease in pending:
+                    hold = self._adopt(kv, pending.pop(kv.lease), previous)
+                    if hold is not None:
+                        self._forget(pending)
+                        return hold
+                    continue
                 if kv is None:
+                    # Create the key only once it has been seen absent for the lock delay
+                    # without a break, even on the first look: a key can vanish while its
+                    # holder still runs (module docstring), and that holder may be one this
+                    # contender never saw.
                     now = clock.now()
-                    if watched is not None:
-                        vanished_at = vanished_at if vanished_at is not None else now
-                        left = vanished_at + self._timings.lock_delay - now
-                        if left > 0:
-                            sleep(min(self._timings.poll, left))
-                            continue
-                    created = self._create(previous)
+                    if absent_since is None:
+                        absent_since = now
+                    left = absent_since + delay - now
+                    if left > 0:
+                        if not announced and delay >= 1.0:
+                            announced = True
+                            log.event(
+                                "waiting",
+                                f"{self.location()} is free: creating it once it stayed "
+                                f"free for the lock delay ({delay:.3g} s), which outlasts "
+                                "any holder that lost it without noticing yet",
+                            )
+                        sleep(min(self._timings.poll, left))
+                        continue
+                    absent_since = None
+                    created = self._create(previous, pending)
                     if isinstance(created, EtcdHold):
+                        self._forget(pending)
                         return created
                     kv = created
                     if kv is None:
                         continue  # created and deleted by others meanwhile: look again
             except StorageError as exc:
+                absent_since = None  # the key may have come and gone unseen meanwhile
                 if not (contacted and self._wait):
+                    self._forget(pending)
                     raise
                 if clock.now() >= next_progress:
                     next_progress = clock.now() + PROGRESS_EVERY
@@ -140,8 +165,10 @@ class EtcdBackend(Backend):
                     )
                 sleep(self._timings.poll)
                 continue
-            vanished_at = None
+            absent_since = None
             holder = self._fence.holder_of(kv)
+            # The holder that goes away may have a longer TTL than ours: outlast it too.
+            delay = max(delay, holder.lock_delay, minimum_lock_delay(holder.ttl))
             if watched is not None and kv.create_revision == watched.create_revision:
                 beats += kv.mod_revision != watched.mod_revision
             else:
@@ -168,8 +195,9 @@ class EtcdBackend(Backend):
                 timings = ""
             sleep(self._timings.poll)
 
-    def _create(self, previous: str) -> EtcdHold | KeyValue | None:
-        """Create the key: our hold, or the key another contender created first."""
+    def _create(self, previous: str, pending: dict[int, int]) -> EtcdHold | KeyValue | None:
+        """Create the key: our hold, or the key another contender created first. When the
+        answer is lost, the lease is kept in `pending`: a key found under it is ours."""
         started = clock.now()
         until = started + self.deadline
         lease, granted = self.client.grant(self._lease_ttl, until, self.slow)
@@ -184,7 +212,7 @@ class EtcdBackend(Backend):
                 timeout=self.slow,
             )
         except PgfenceError:
-            self._fence.revoke_quietly(lease)  # takes the key along if the create did land
+            pending[lease] = granted  # the create may have landed: we will recognise it
             raise
         found = first_kv(responses[-1]) if responses else None
         if not ok or found is None or found.lease != lease:
@@ -192,6 +220,27 @@ class EtcdBackend(Backend):
             return found
         record = record.replace(generation=found.create_revision)
         hold = EtcdHold(self._fence, record, value, lease, granted, started)
+        return self._acquired(hold, started, previous)
+
+    def _adopt(self, kv: KeyValue, granted: int, previous: str) -> EtcdHold | None:
+        """The key under a lease of ours whose create's answer was lost: our own create.
+        Renewed once before it counts, so its deadline starts now; None if that fails
+        because the key is not ours after all."""
+        record = self._fence.own_record(kv, self._instance, kv.lease, kv.create_revision)
+        if record is None:
+            self._fence.revoke_quietly(kv.lease)
+            return None
+        started = clock.now()
+        hold = EtcdHold(self._fence, record, kv.value, kv.lease, granted, started)
+        try:
+            if not hold.renew(lambda: True):
+                return None
+        except LockLost:
+            return None
+        log.event("adopted", f"{self.location()} was created by this pgfence, its answer lost")
+        return self._acquired(hold, started, previous)
+
+    def _acquired(self, hold: EtcdHold, started: float, previous: str) -> EtcdHold:
         hold.write_generation()
         if clock.now() - started >= self.deadline:
             hold.release()
@@ -202,21 +251,28 @@ class EtcdBackend(Backend):
         log.event(
             "acquired",
             f"acquired {self.location()} as token {self._token!r} (generation "
-            f"{hold.generation}, lease {lease:x} of {granted} s; previously {previous}); "
-            f"{self._timings.describe()}",
+            f"{hold.generation}, lease {hold.lease:x} of {hold.granted} s; previously "
+            f"{previous}); {self._timings.describe()}",
             lock=self.location(),
             token=self._token,
             instance=self._instance,
             generation=hold.generation,
-            lease=f"{lease:x}",
-            lease_ttl=granted,
+            lease=f"{hold.lease:x}",
+            lease_ttl=hold.granted,
             previous=previous,
         )
         return hold
 
+    def _forget(self, pending: dict[int, int]) -> None:
+        for lease in pending:
+            self._fence.revoke_quietly(lease)
+        pending.clear()
+
     def _new_record(self, started: float) -> LockRecord:
-        # generation 0: the key's create revision is written right after the key exists
-        return fresh_record(self._token, self._instance, self._timings, 0, started)
+        # generation 0: the key's create revision is written right after the key exists;
+        # the interval readers judge liveness by is that of heartbeat writes
+        record = fresh_record(self._token, self._instance, self._timings, 0, started)
+        return record.replace(interval=self._fence.write_every)
 
     def _lease_left(self, kv: KeyValue) -> str:
         try:
