@@ -307,7 +307,11 @@ class EtcdCluster:
         return answer
 
     def etcdctl(
-        self, *args: str, members: Sequence[int] | None = None, check: bool = True
+        self,
+        *args: str,
+        members: Sequence[int] | None = None,
+        check: bool = True,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         argv = [ETCDCTL, "--endpoints", self.endpoints(members), "--command-timeout", "10s"]
         if self.tls:
@@ -317,6 +321,7 @@ class EtcdCluster:
             argv += ["--user", f"root:{self.root_password}"]
         result = subprocess.run(
             [*argv, *args],
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=60,

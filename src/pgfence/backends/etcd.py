@@ -149,8 +149,8 @@ class EtcdBackend(Backend):
                         self._forget(pending)
                         return created
                     kv = created
-                    if kv is None:
-                        continue  # created and deleted by others meanwhile: look again
+                    if kv is None or kv.lease in pending:
+                        continue  # look again (and adopt the key if it is our own)
             except StorageError as exc:
                 absent_since = None  # the key may have come and gone unseen meanwhile
                 if not (contacted and self._wait):
@@ -215,6 +215,10 @@ class EtcdBackend(Backend):
             pending[lease] = granted  # the create may have landed: we will recognise it
             raise
         found = first_kv(responses[-1]) if responses else None
+        if found is not None and found.lease == lease and not ok:
+            # A resent create (its first answer lost) found the key the first one made.
+            pending[lease] = granted
+            return found
         if not ok or found is None or found.lease != lease:
             self._fence.revoke_quietly(lease)
             return found
