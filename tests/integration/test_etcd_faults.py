@@ -321,3 +321,72 @@ def test_user_changes_and_a_rotated_password_do_not_fence_the_holder(
     finally:
         procs.cleanup()
         cluster.stop()
+
+
+# -- 1, as it happens: an etcd leader stuck in fdatasync revokes a renewed lease -------------
+
+
+def key_present(cluster: h.EtcdCluster, i: int, key: str) -> bool | None:
+    """A linearizable read of `key` through member i; None when it gives no answer."""
+    import base64
+    import urllib.request
+
+    body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
+    request = urllib.request.Request(cluster.local_url(i) + "/v3/kv/range", body)
+    try:
+        with urllib.request.urlopen(request, timeout=1.0) as response:
+            return bool(json.loads(response.read()).get("kvs"))
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.skipif(
+    not os.environ.get("PGFENCE_HEAVY"), reason="heavy reproduction: set PGFENCE_HEAVY=1"
+)
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.timeout(240)
+def test_a_stuck_leader_revoking_a_renewed_lease_starts_no_second_server(
+    procs: Registry, tmp_path: object
+) -> None:
+    """etcd#15247 on 3.4.23: the leader's fdatasync stalls 15 s (strace --inject), the
+    others elect a new leader that renews the holder's lease, and when the old leader
+    resumes its lessor's stale revoke is applied. A contender started the moment the
+    key is gone (it never saw it) must not start its child while the holder's runs."""
+    directory = str(tmp_path)
+    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3)
+    os.makedirs(cluster.directory)
+    try:
+        cluster.start()
+        fleet = fleet_on(cluster, procs, directory)
+        holder = fleet.start("A", 12.0)  # renewals 2 s apart: a wide window
+        a = h.started(fleet.log, "A", timeout=30)
+        death = h.DeathWatch(a.pid)
+        stuck = leader(cluster)
+        proc = cluster.members[stuck].proc
+        assert proc is not None
+        strace = procs.start(
+            ["strace", "-f", "-qq", "-p", str(proc.pid), "-e", "trace=fdatasync",
+             "-e", "inject=fdatasync:delay_enter=15s", "-o", "/dev/null"],
+        )  # fmt: skip
+        time.sleep(1.0)
+        cluster.etcdctl("put", "/poke", "x", members=[stuck], check=False)  # it fsyncs
+        others = [i for i in range(3) if i != stuck]
+        deadline = time.monotonic() + 40
+        contender = None
+        while time.monotonic() < deadline and holder.poll() is None:
+            if key_present(cluster, others[0], fleet.key) is False:
+                contender = fleet.start("B", 12.0)  # fresh: its first read finds no key
+                break
+            time.sleep(0.02)
+        strace.send_signal(signal.SIGINT)
+        strace.wait(timeout=30)
+        assert holder.wait(timeout=60) == 75, fleet.stderr("A")
+        assert "no longer knows the lease" in fleet.stderr("A"), fleet.stderr("A")
+        died = death.wait(timeout=30)
+        assert died is not None
+        assert contender is not None, "the stale revoke did not happen this time"
+        b = h.started(fleet.log, "B", timeout=60)
+        assert died < b.time, (b.time - died, fleet.stderr("B"))
+    finally:
+        procs.cleanup()
+        cluster.stop()
