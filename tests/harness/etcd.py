@@ -112,6 +112,45 @@ def make_tls(directory: str) -> Tls:
     )
 
 
+def issue_client_cert(tls: Tls, directory: str, name: str) -> tuple[str, str]:
+    """Another client certificate (without CN) from `tls`'s CA: (cert, key)."""
+    os.makedirs(directory, exist_ok=True)
+    ca_dir = os.path.dirname(tls.ca)
+    cert, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
+    ext = os.path.join(ca_dir, "client.ext")
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", cert + ".csr", "-subj", f"/O=pgfence test {name}")  # fmt: skip
+    run("x509", "-req", "-in", cert + ".csr", "-CA", tls.ca, "-CAkey",
+        os.path.join(ca_dir, "ca.key"), "-CAcreateserial", "-out", cert, "-days", "2",
+        "-extfile", ext)  # fmt: skip
+    return cert, key
+
+
+def revocation_list(tls: Tls, revoked: Sequence[str], directory: str) -> str:
+    """A CRL from `tls`'s CA that revokes the certificates in `revoked`."""
+    os.makedirs(directory, exist_ok=True)
+    ca_dir = os.path.dirname(tls.ca)
+    config = os.path.join(directory, "ca.cnf")
+    with open(config, "w") as f:
+        f.write(
+            "[ca]\ndefault_ca = fence\n[fence]\n"
+            f"database = {directory}/index.txt\ncrlnumber = {directory}/crlnumber\n"
+            "default_md = sha256\ndefault_crl_days = 2\n"
+        )
+    open(os.path.join(directory, "index.txt"), "w").close()
+    with open(os.path.join(directory, "crlnumber"), "w") as f:
+        f.write("01\n")
+    ca = ["-config", config, "-cert", tls.ca, "-keyfile", os.path.join(ca_dir, "ca.key")]
+    for cert in revoked:
+        subprocess.run(["openssl", "ca", *ca, "-revoke", cert], check=True, capture_output=True,
+                       timeout=60)  # fmt: skip
+    crl = os.path.join(directory, "crl.pem")
+    subprocess.run(["openssl", "ca", *ca, "-gencrl", "-out", crl], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    return crl
+
+
 # -- network namespaces --------------------------------------------------------------------
 
 
@@ -184,6 +223,7 @@ class EtcdCluster:
         extra: Sequence[str] = (),
     ) -> None:
         self.extra = list(extra)  # more etcd flags for every member
+        self.client_ca: str | None = None  # CA that members trust for client certificates
         self.registry = Registry()
         self.directory = directory
         self.tls = tls
@@ -247,7 +287,7 @@ class EtcdCluster:
             argv += [
                 "--cert-file", self.tls.server_cert,
                 "--key-file", self.tls.server_key,
-                "--trusted-ca-file", self.tls.ca,
+                "--trusted-ca-file", self.client_ca or self.tls.ca,
                 "--client-cert-auth",
             ]  # fmt: skip
         argv += self.extra

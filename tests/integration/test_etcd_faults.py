@@ -8,6 +8,7 @@ holder's child's death is taken from a pidfd on the same clock.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -387,6 +388,52 @@ def test_a_stuck_leader_revoking_a_renewed_lease_starts_no_second_server(
         assert contender is not None, "the stale revoke did not happen this time"
         b = h.started(fleet.log, "B", timeout=60)
         assert died < b.time, (b.time - died, fleet.stderr("B"))
+    finally:
+        procs.cleanup()
+        cluster.stop()
+
+
+@pytest.mark.timeout(240)
+def test_a_client_certificate_replaced_mid_hold_is_used_for_new_connections(
+    procs: Registry, tmp_path: object
+) -> None:
+    """The holder's client certificate is replaced by a new one from the same CA, and
+    then the old one is revoked: the members restart one by one with a revocation list.
+    Every connection the holder makes after a member restarted must use the new files,
+    or the last restart fences it."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    directory = str(tmp_path)
+    tls = h.make_tls(os.path.join(directory, "tls"))
+    cert, key = os.path.join(directory, "client.crt"), os.path.join(directory, "client.key")
+    shutil.copy(tls.client_cert, cert)
+    shutil.copy(tls.client_key, key)
+    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3, tls=tls)
+    os.makedirs(cluster.directory)
+    try:
+        cluster.start()
+        fleet = fleet_on(cluster, procs, directory)
+        files = {"FENCE_ETCD_CA_FILE": tls.ca, "FENCE_ETCD_CERT_FILE": cert}
+        holder = fleet.start("A", 4.0, FENCE_ETCD_KEY_FILE=key, **files)
+        a = h.started(fleet.log, "A", timeout=30)
+
+        new_cert, new_key = h.issue_client_cert(tls, os.path.join(directory, "new"), "renewed")
+        for source, target in ((new_key, key), (new_cert, cert)):
+            shutil.copy(source, target + ".new")
+            os.replace(target + ".new", target)
+        crl = h.revocation_list(tls, [tls.client_cert], os.path.join(directory, "crl"))
+        cluster.extra = ["--client-crl-file", crl]
+        cluster.tls = dataclasses.replace(tls, client_cert=new_cert, client_key=new_key)
+        for i in range(3):
+            cluster.stop_member(i, signal.SIGTERM)
+            cluster.start_member(i)
+            time.sleep(2.0)
+            assert holder.poll() is None, fleet.stderr("A")
+        time.sleep(4.0)
+        assert holder.poll() is None and alive(a.pid), fleet.stderr("A")
+        assert "read the etcd TLS files again" in fleet.stderr("A")
+        holder.send_signal(signal.SIGTERM)
+        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
     finally:
         procs.cleanup()
         cluster.stop()

@@ -185,8 +185,10 @@ class EtcdHold(Hold):
                     except EtcdUnavailable:
                         # No leader for now (an election), or no endpoint answered: etcd
                         # elects within two election timeouts, so try again within the
-                        # budget rather than waiting for the next renewal.
-                        if clock.now() + RETRY_PAUSE >= until:
+                        # budget rather than waiting for the next renewal; but give up
+                        # a renewal interval early, so that the reason is logged before
+                        # the deadline fences.
+                        if clock.now() + RETRY_PAUSE >= until - self._fence.interval:
                             raise
                         time.sleep(RETRY_PAUSE)
             except GuardRefused:
@@ -223,8 +225,15 @@ class EtcdHold(Hold):
             # The keep-alive may have reached a leader cut off from the majority, whose
             # renewal counts for nothing once another member leads: renew again where
             # the transaction was answered (the endpoint tried first now).
+            first = kept_at
             kept_at = self._keepalive(guard, until)
-            if kept_at != checked_at:
+            if kept_at == checked_at:
+                log.event(
+                    "etcd_term",
+                    f"the lease keep-alive was answered at raft term {first} and the check "
+                    f"at term {checked_at}: renewed the lease again at term {checked_at}",
+                )
+            else:
                 raise StorageError(
                     f"the lease keep-alive was answered at raft term {kept_at} and the "
                     f"check of {self._fence.location()} at term {checked_at} (an etcd "
