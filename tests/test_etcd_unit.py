@@ -574,3 +574,11 @@ def test_etcd_lock_delay_defaults_to_outlast_the_holders_deadline(tmp_path: Any)
     timings = settings(tmp_path, FENCE_LEASE_TTL="12").timings
     assert timings.lock_delay == 8.0
     open_client(settings(tmp_path, FENCE_LEASE_TTL="7"))  # the shortest at etcd's default
+
+
+@pytest.mark.parametrize(
+    ("version", "affected"),
+    [("3.4.23", True), ("3.4.31", False), ("3.5.12", True), ("3.5.13", False), ("3.6.0", False)],
+)
+def test_versions_whose_stuck_leader_revokes_live_leases(version: str, affected: bool) -> None:
+    assert ec._revokes_live_leases(version) is affected

@@ -437,3 +437,60 @@ def test_a_client_certificate_replaced_mid_hold_is_used_for_new_connections(
     finally:
         procs.cleanup()
         cluster.stop()
+
+
+# -- 4. the generation across a restore, a new cluster and a switch of backends -------------
+
+
+@pytest.mark.timeout(180)
+def test_the_generation_only_grows_across_restore_new_cluster_and_backend_switch(
+    procs: Registry, tmp_path: object
+) -> None:
+    directory = str(tmp_path)
+    volume = os.path.join(directory, "volume")  # beside the data directory
+    os.makedirs(volume)
+    lock_file = os.path.join(volume, "fence_lock")
+    log = os.path.join(directory, "children.log")
+    clusters = [h.EtcdCluster(os.path.join(directory, f"etcd{i}"), size=1) for i in (1, 2)]
+    for c in clusters:
+        os.makedirs(c.directory)
+
+    def run(name: str, env: dict[str, str]) -> int:
+        done = subprocess.run(
+            [PGFENCE, "run", "--", *h.child_argv(log, name, "run:0.1")],
+            env={**env, "FENCE_LOCK_FILE": lock_file},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return h.started(log, name, timeout=5).generation
+
+    try:
+        first, second = clusters
+        first.start()
+        env = h.fence_env(first.endpoints(), "/pgfence/db", "A", TTL)
+        snapshot = os.path.join(directory, "snapshot.db")
+        first.etcdctl("snapshot", "save", snapshot)
+        for i in range(5):
+            first.etcdctl("put", f"/other/{i}", "x")
+        generations = [run("before", env)]
+        first.restore(snapshot)  # the revision goes back below the last generation
+        generations.append(run("restored", env))
+        kv = json.loads(first.etcdctl("get", "/pgfence/db", "-w", "json").stdout)
+        assert int(kv["header"]["revision"]) < generations[0]  # it did go back
+        second.start()  # a new cluster: revisions from 1
+        generations.append(
+            run("new-cluster", h.fence_env(second.endpoints(), "/pgfence/db", "A", TTL))
+        )
+        file_env = {**env, "FENCE_BACKEND": "file", "FENCE_MODE": "lease"}
+        generations.append(run("file-backend", file_env))
+        generations.append(
+            run("etcd-again", h.fence_env(second.endpoints(), "/pgfence/db", "A", TTL))
+        )
+        assert generations == sorted(set(generations)), generations
+        with open(lock_file + ".generation") as f:
+            assert int(f.read()) == generations[-1]
+    finally:
+        for c in clusters:
+            c.stop()

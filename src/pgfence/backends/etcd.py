@@ -17,8 +17,14 @@ lock-delay once more after it disappeared, then creates it in a transaction (cre
 revision 0 -> put): of many contenders exactly one succeeds.
 
 Acquisition grants a lease of ceil(TTL) seconds, then creates the key attached to it. The
-key's create revision is the fencing token (PGFENCE_GENERATION): etcd's revision only
-grows, so every acquisition gets a larger one.
+fencing token (PGFENCE_GENERATION) is the key's create revision, which grows with every
+acquisition on one etcd cluster, but goes back when etcd is restored from a snapshot or
+replaced by a new cluster. So each holder also records its generation beside the data
+directory, in `<lock file>.generation` (the file the file backend keeps for the same
+purpose), and hands out one more than that mark when the revision is not larger: the
+generation only grows on a data directory, across restores, new clusters and switches
+between backends. Without that directory (FENCE_LOCK_FILE's) it is the bare revision,
+with a warning.
 
 Renewal (every TTL/6) is a lease keep-alive, then a transaction that writes the next
 heartbeat only if the key still has our create revision, our lease and the value we last
@@ -56,6 +62,7 @@ from pgfence.backends.base import (
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
 from pgfence.backends.etcd_config import minimum_lock_delay, open_client
 from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
+from pgfence.backends.generation_mark import GenerationMark
 from pgfence.errors import FencedOut, LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LockRecord
 from pgfence.timings import Timings
@@ -77,8 +84,10 @@ class EtcdBackend(Backend):
         instance: str,
         timings: Timings,
         wait: bool,
+        lock_file: str | None = None,
     ) -> None:
         self.client = client
+        self._mark = GenerationMark(lock_file, instance) if lock_file else None
         self._fence = FenceKey(client, key, timings)
         self.key = self._fence.key
         self._token = token
@@ -93,7 +102,15 @@ class EtcdBackend(Backend):
     def from_settings(cls, settings: Settings, instance: str) -> EtcdBackend:
         """Check the etcd options (no network yet) and build the backend."""
         client, key = open_client(settings)
-        return cls(client, key, settings.token, instance, settings.timings, settings.wait)
+        return cls(
+            client,
+            key,
+            settings.token,
+            instance,
+            settings.timings,
+            settings.wait,
+            settings.lock_file,
+        )
 
     def location(self) -> str:
         return self._fence.location()
@@ -245,6 +262,15 @@ class EtcdBackend(Backend):
         return self._acquired(hold, started, previous)
 
     def _acquired(self, hold: EtcdHold, started: float, previous: str) -> EtcdHold:
+        try:
+            last = self._mark.last() if self._mark else None
+            if self._mark and last is not None:
+                if last >= hold.generation:
+                    hold.raise_generation(last + 1)
+                self._mark.record(hold.generation)
+        except PgfenceError:
+            hold.release()  # nothing started: give the key back at once
+            raise
         hold.write_generation()
         if clock.now() - started >= self.deadline:
             hold.release()
@@ -252,6 +278,8 @@ class EtcdBackend(Backend):
                 f"acquiring {self.location()} took longer than the fence deadline "
                 f"({self.deadline:.3g} s); etcd is too slow for this TTL"
             )
+        if self.client.version_warning:
+            log.event("etcd_version", self.client.version_warning, level="warning")
         log.event(
             "acquired",
             f"acquired {self.location()} as token {self._token!r} (generation "

@@ -150,6 +150,7 @@ class EtcdClient:
         self._password = password  # never logged, never part of a message; a callable:
         # read anew at every login
         self.last_term = 0  # raft term in the header of the last answer
+        self.version_warning: str | None = None
         self._token: str | None = None  # auth token; "" when auth turned out disabled
         self._checked = False
         self._current = 0
@@ -246,6 +247,12 @@ class EtcdClient:
             raise EtcdUnavailable(
                 f"{where} did not say which etcd version it runs (GET /version); "
                 "is it an etcd client URL?"
+            )
+        if _revokes_live_leases(server):  # said by the holder, once it holds the fence
+            self.version_warning = (
+                f"etcd at {where} runs {server}, whose stuck leader can revoke a lease that "
+                "was renewed (etcd#15247): pgfence stays safe, but such a holder fences "
+                "itself; upgrade to etcd 3.4.31, 3.5.13 or later"
             )
         for version in (server, str(answer.get("etcdcluster"))):
             match = re.match(r"(\d+)\.(\d+)", version)  # the cluster's may be "not_decided"
@@ -400,6 +407,15 @@ class EtcdClient:
         conn = self._connections.pop(endpoint, None)
         if conn is not None:
             conn.close()
+
+
+def _revokes_live_leases(version: str) -> bool:
+    """etcd 3.4 before 3.4.31 and 3.5 before 3.5.13 (etcd#15247)."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if not match:
+        return False
+    parts = tuple(int(p) for p in match.groups())
+    return (3, 4, 0) <= parts < (3, 4, 31) or (3, 5, 0) <= parts < (3, 5, 13)
 
 
 def _decode(data: bytes) -> Json:

@@ -118,13 +118,15 @@ class FenceKey:
                 f"{where} holds {holder.describe()} without a lease, which pgfence never "
                 f"writes (it would never expire); {hint}"
             )
-        return holder.replace(generation=kv.create_revision)
+        # The generation is the create revision unless the holder's high-water mark beside
+        # the data directory raised it (after an etcd restore, say): then its record says.
+        return holder.replace(generation=max(holder.generation, kv.create_revision))
 
     def own_record(
-        self, kv: KeyValue | None, instance: str, lease: int, generation: int
+        self, kv: KeyValue | None, instance: str, lease: int, revision: int
     ) -> LockRecord | None:
         """The record in `kv` if it is exactly that hold's, else None."""
-        if kv is None or kv.lease != lease or kv.create_revision != generation:
+        if kv is None or kv.lease != lease or kv.create_revision != revision:
             return None
         try:
             record = self.holder_of(kv)
@@ -166,7 +168,8 @@ class EtcdHold(Hold):
         self.lease = lease
         self.granted = granted
         self._mutex = threading.Lock()  # renewals and release never overlap
-        self.generation = record.generation
+        self.revision = record.generation  # the key's create revision: what we compare
+        self.generation = record.generation  # the fencing token: at least the revision
         self.instance = record.instance
         self.acquired_clock = acquired
         self._renewed_at = acquired  # start of the newest renewal that succeeded
@@ -255,7 +258,7 @@ class EtcdHold(Hold):
         key = self._key
         ok, responses = self._client.txn(
             [
-                compare(key, "CREATE", self.generation),
+                compare(key, "CREATE", self.revision),
                 compare(key, "LEASE", self.lease),
                 compare(key, "VALUE", self._value),
             ],
@@ -268,12 +271,17 @@ class EtcdHold(Hold):
         if ok:
             return term
         found = first_kv(responses[0]) if responses else None
-        mine = self._fence.own_record(found, self.instance, self.lease, self.generation)
+        mine = self._fence.own_record(found, self.instance, self.lease, self.revision)
         if found is None or mine is None:
             raise LockLost(f"{self._fence.location()} {self._fence.now_holds(found)}")
         # Our previous write landed although its answer was lost: go on from it.
         self._record, self._value = mine, found.value
         return term
+
+    def raise_generation(self, generation: int) -> None:
+        """Hand out `generation` (above the create revision) as the fencing token."""
+        self.generation = generation
+        self._record = self._record.replace(generation=generation)
 
     def write_generation(self) -> None:
         """Right after creating the key: write the record again with its generation (the
@@ -292,7 +300,7 @@ class EtcdHold(Hold):
             data = record.encode()
             ok, responses = self._client.txn(
                 [
-                    compare(key, "CREATE", self.generation),
+                    compare(key, "CREATE", self.revision),
                     compare(key, "LEASE", self.lease),
                     compare(key, "VALUE", self._value),
                 ],
@@ -305,7 +313,7 @@ class EtcdHold(Hold):
                 self._record, self._value = record, data
                 return self._client.last_term
             found = first_kv(responses[0]) if responses else None
-            mine = self._fence.own_record(found, self.instance, self.lease, self.generation)
+            mine = self._fence.own_record(found, self.instance, self.lease, self.revision)
             if found is None or mine is None:
                 break
             # Our previous write landed although its answer was lost: go on from it.
@@ -320,7 +328,7 @@ class EtcdHold(Hold):
             key, slow = self._key, self._fence.slow
             try:
                 ok, _ = self._client.txn(
-                    [compare(key, "CREATE", self.generation), compare(key, "LEASE", self.lease)],
+                    [compare(key, "CREATE", self.revision), compare(key, "LEASE", self.lease)],
                     [delete(key)],
                     [],
                     timeout=slow,
