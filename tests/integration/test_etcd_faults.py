@@ -210,7 +210,7 @@ def test_the_shortest_ttl_survives_leader_crashes(procs: Registry, tmp_path: obj
         assert refused.returncode == 64 and "too short" in refused.stderr, refused.stderr
         holder = fleet.start("A", shortest)
         h.started(fleet.log, "A", timeout=30)
-        for _ in range(4):
+        for _ in range(3):
             time.sleep(1.0)
             crashed = leader(cluster)
             cluster.stop_member(crashed)  # SIGKILL: quorum is kept

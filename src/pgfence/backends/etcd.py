@@ -135,7 +135,8 @@ class EtcdBackend(Backend):
                 kv = self._fence.read()
                 contacted = True
                 if kv is not None and kv.lease in pending:
-                    hold = self._adopt(kv, pending.pop(kv.lease), previous)
+                    hold = self._adopt(kv, pending[kv.lease], previous)  # may raise: kept
+                    del pending[kv.lease]
                     if hold is not None:
                         self._forget(pending)
                         return hold
@@ -251,6 +252,7 @@ class EtcdBackend(Backend):
         if record is None:
             self._fence.revoke_quietly(kv.lease)
             return None
+        record = record.replace(generation=kv.create_revision)  # what the hold compares
         started = clock.now()
         hold = EtcdHold(self._fence, record, kv.value, kv.lease, granted, started)
         try:
