@@ -4,16 +4,23 @@ Who may create the key (it is never overwritten, only created when absent):
 
     key                    holder's token   --wait (the default)       --no-wait
     ---------------------  ---------------  -------------------------  -----------------------
-    absent                 -                create it                  create it
+    absent                 -                create it, once absent     the same
+                                            for the lock delay
     pgfence record         another token    wait until it is gone      73
     pgfence record         ours, another    wait until it is gone      73 once its heartbeat
                            instance                                    moves; create it if it
                                                                        disappears first
+    pgfence record         ours, this       our own create, whose      the same
+                           instance's lease answer was lost
     anything else          -                65                         65
 
-The key disappears only when its holder deletes it or when its lease expires, which etcd
-decides on its leader, linearizably. A contender that saw the key held waits the
-lock-delay once more after it disappeared, then creates it in a transaction (create
+The key disappears when its holder deletes it or its lease expires, but also while its
+holder still runs: a lease revoked by a stuck etcd leader (etcd#15247), `etcdctl del`,
+`release --force`. That holder notices at its next renewal, and fences at the latest at
+its deadline, TTL/2 after its last successful renewal; a contender may never have seen
+it. So a contender creates the key only after it has seen it absent, without a break, for
+the lock delay, which is at least TTL/2 + TTL/6 (etcd_config.py), and at least that of a
+holder it saw, even on its first look. Then it creates the key in a transaction (create
 revision 0 -> put): of many contenders exactly one succeeds.
 
 Acquisition grants a lease of ceil(TTL) seconds, then creates the key attached to it. The
@@ -26,20 +33,18 @@ generation only grows on a data directory, across restores, new clusters and swi
 between backends. Without that directory (FENCE_LOCK_FILE's) it is the bare revision,
 with a warning.
 
-Renewal (every TTL/6) is a lease keep-alive, then a transaction that writes the next
-heartbeat only if the key still has our create revision, our lease and the value we last
-wrote; both must succeed. The transaction needs a quorum, so a renewal never succeeds
-through a member cut off from the majority (whose leader may still renew leases for an
-election timeout). The holder fences on its own clock, TTL/2 after the start of its last
-successful renewal (`holder.py`); the lease cannot expire before ceil(TTL) after that
-keep-alive reached the leader (a new leader restarts every lease's full TTL, so leader
-changes only lengthen it), and a contender then waits lock-delay more: the margin is at
-least TTL/2 + lock-delay, the same as the file backend's.
+Renewal (every TTL/6) is a lease keep-alive, then a transaction that checks the key
+(etcd_hold.py); both must succeed, at one raft term. The transaction needs a quorum, so a
+renewal never succeeds through a member cut off from the majority. The holder fences on
+its own clock, TTL/2 after the start of its last successful renewal (`holder.py`); the
+lease cannot expire before ceil(TTL) after that keep-alive reached the leader (a new
+leader restarts every lease's full TTL, so leader changes only lengthen it), and a
+contender then waits lock-delay more: the margin is at least TTL/2 + lock-delay.
 
 Liveness, for `status`, `check` and `release`, is judged as with the file backend: the
-record's heartbeat (each renewal rewrites the value, so its mod revision moves) or, on the
-holder's own boot, the age of its monotonic clock reading. The lease's remaining TTL is
-not used: etcd reports it in whole seconds, which hides renewals of short TTLs.
+record's heartbeat (written once per TTL, the interval the record states, so its mod
+revision moves) or, on the holder's own boot, the age of its monotonic clock reading.
+The lease's remaining TTL is not used: etcd reports it in whole seconds.
 """
 
 from __future__ import annotations
