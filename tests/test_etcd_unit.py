@@ -556,8 +556,8 @@ def test_a_stale_jwt_login_and_a_changed_password_file_log_in_again(
 @pytest.mark.parametrize(
     ("env", "words"),
     [
-        ({"FENCE_LEASE_TTL": "4"}, "set --ttl (FENCE_LEASE_TTL) to 6.8 or more"),
-        ({"FENCE_LEASE_TTL": "3", "FENCE_ETCD_ELECTION_TIMEOUT": "500"}, "to 3.8 or more"),
+        ({"FENCE_LEASE_TTL": "4"}, "set --ttl (FENCE_LEASE_TTL) to 9.8 or more"),
+        ({"FENCE_LEASE_TTL": "3", "FENCE_ETCD_ELECTION_TIMEOUT": "500"}, "to 5.3 or more"),
         ({"FENCE_LEASE_TTL": "12", "FENCE_LOCK_DELAY": "3"}, "to 8 (TTL/2 + TTL/6)"),
         ({"FENCE_ETCD_ELECTION_TIMEOUT": "1s"}, "milliseconds"),
     ],
@@ -573,7 +573,7 @@ def test_timings_the_etcd_backend_cannot_keep_are_refused(
 def test_etcd_lock_delay_defaults_to_outlast_the_holders_deadline(tmp_path: Any) -> None:
     timings = settings(tmp_path, FENCE_LEASE_TTL="12").timings
     assert timings.lock_delay == 8.0
-    open_client(settings(tmp_path, FENCE_LEASE_TTL="7"))  # the shortest at etcd's default
+    open_client(settings(tmp_path, FENCE_LEASE_TTL="9.8"))  # the shortest at etcd's default
 
 
 @pytest.mark.parametrize(

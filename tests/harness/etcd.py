@@ -28,8 +28,8 @@ ETCD = os.environ.get("PGFENCE_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("PGFENCE_TEST_ETCDCTL", "/usr/bin/etcdctl")
 # The test clusters elect faster than etcd's default (1000 ms), so that pgfence accepts
 # the short TTLs that keep these tests quick; pgfence is told (FENCE_ETCD_ELECTION_TIMEOUT).
-HEARTBEAT_MS = 70
-ELECTION_MS = 350
+HEARTBEAT_MS = 50
+ELECTION_MS = int(os.environ.get("PGFENCE_TEST_ELECTION_MS", "250"))
 
 
 def available() -> bool:

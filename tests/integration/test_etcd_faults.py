@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
 ]
-TTL = 3.0  # at the test clusters' election timeout (350 ms) the shortest is 2.9 s
+TTL = 3.0  # the shortest at the test clusters' election timeout (250 ms)
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +205,8 @@ def test_the_shortest_ttl_survives_leader_crashes(procs: Registry, tmp_path: obj
     try:
         cluster.start()
         fleet = fleet_on(cluster, procs, directory)
-        shortest = 2.9  # for a 350 ms election timeout: refused below, see the unit tests
-        refused = pgfence_run("run", "--", "true", env=fleet.env("X", 2.8))
+        shortest = 3.0  # for a 250 ms election timeout: refused below, see the unit tests
+        refused = pgfence_run("run", "--", "true", env=fleet.env("X", 2.9))
         assert refused.returncode == 64 and "too short" in refused.stderr, refused.stderr
         holder = fleet.start("A", shortest)
         h.started(fleet.log, "A", timeout=30)
