@@ -132,7 +132,7 @@ def test_password_file_loses_only_its_line_end(tmp_path: Any) -> None:
         settings(tmp_path, FENCE_ETCD_USER="u", FENCE_ETCD_PASSWORD_FILE=str(tmp_path / "pw"))
     )
     assert key == "/pgfence/db"
-    assert client._password == " pass word "
+    assert callable(client._password) and client._password() == " pass word "
 
 
 # -- wire encoding ---------------------------------------------------------------------
@@ -309,7 +309,7 @@ def ec_free_port() -> int:
 def test_guard_and_budget_are_checked_before_sending(gateways: Callable[..., FakeGateway]) -> None:
     fake = gateways(v3__lease__keepalive=ok({"result": {"TTL": "5"}}))
     c = client(fake)
-    assert c.keepalive(7) == 5
+    assert c.keepalive(7) == (5, 0)
     with pytest.raises(ec.GuardRefused):
         c.keepalive(7, guard=lambda: False)
     with pytest.raises(ec.EtcdUnavailable):
@@ -322,14 +322,14 @@ def test_keepalive_of_an_unknown_lease_reads_as_ttl_zero(
     gateways: Callable[..., FakeGateway],
 ) -> None:
     fake = gateways(v3__lease__keepalive=ok({"result": {"header": {}, "ID": "7"}}))
-    assert client(fake).keepalive(7) == 0
+    assert client(fake).keepalive(7) == (0, 0)
 
 
 def test_keepalive_stream_error_fails_over(gateways: Callable[..., FakeGateway]) -> None:
     error = {"error": {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader"}}
     down = gateways(v3__lease__keepalive=ok(error))
-    up = gateways(v3__lease__keepalive=ok({"result": {"TTL": "4"}}))
-    assert client(down, up).keepalive(7) == 4
+    up = gateways(v3__lease__keepalive=ok({"result": {"TTL": "4", "header": {"raft_term": "6"}}}))
+    assert client(down, up).keepalive(7) == (4, 6)
 
 
 def test_txn_absent_succeeded_means_false_and_responses_are_unwrapped(
@@ -406,16 +406,23 @@ class ScriptedClient(ec.EtcdClient):
         super().__init__(parse_endpoints("http://127.0.0.1:1", False), 1.0, None)
         self.ttls, self.txns = ttls, txns
         self.sent: list[list[dict[str, Any]]] = []
+        self.writes: list[bool] = []  # per txn: did its success branch write
 
-    def keepalive(self, lease: int, guard: Any = None, until: float | None = None) -> int:
+    def keepalive(self, lease: int, guard: Any = None, until: float | None = None) -> Any:
         answer = self.ttls.pop(0)
         if isinstance(answer, Exception):
             raise answer
-        return int(answer)
+        ttl, term = answer if isinstance(answer, tuple) else (answer, 0)
+        return int(ttl), term
 
     def txn(self, compares: Any, success: Any, failure: Any, *args: Any, **kw: Any) -> Any:
         self.sent.append(compares)
-        return self.txns.pop(0)
+        self.writes.append(bool(success))
+        answer = self.txns.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        self.last_term = answer[2] if len(answer) > 2 else 0
+        return answer[:2]
 
 
 def record(instance: str = "a" * 16, heartbeat: int = 0) -> LockRecord:
@@ -476,3 +483,102 @@ def test_expired_lease_is_lock_lost_and_refusals_are_storage_errors() -> None:
         hold_with(ScriptedClient([refused], [])).renew(lambda: True)
     assert err.value.exit_code == 74
     assert hold_with(ScriptedClient([ec.GuardRefused()], [])).renew(lambda: False) is False
+
+
+def test_renewal_between_heartbeat_writes_only_compares() -> None:
+    scripted = ScriptedClient([3, 3], [(True, []), (True, [])])
+    hold = hold_with(scripted)
+    assert hold.renew(lambda: True) and hold.renew(lambda: True)
+    assert scripted.writes == [True, False]  # one write per TTL, then compare-only
+    assert [c["target"] for c in scripted.sent[1]] == ["CREATE", "LEASE", "VALUE"]
+
+
+def test_keepalive_at_another_raft_term_is_sent_again_and_must_agree() -> None:
+    # answered by a leader cut off from the majority (term 3), the check by the new one
+    scripted = ScriptedClient([(3, 3), (3, 4)], [(True, [], 4)])
+    assert hold_with(scripted).renew(lambda: True)
+    assert scripted.ttls == []
+    scripted = ScriptedClient([(3, 3), (3, 3)], [(True, [], 4)])
+    with pytest.raises(StorageError) as err:
+        hold_with(scripted).renew(lambda: True)
+    assert "raft term 3" in err.value.message and "term 4" in err.value.message
+
+
+def test_a_full_etcd_does_not_fail_the_renewal_that_cannot_write() -> None:
+    full = ec.EtcdNoSpace("etcd refused /v3/kv/txn: its database is full")
+    scripted = ScriptedClient([3], [full, (True, [])])
+    assert hold_with(scripted).renew(lambda: True)
+    assert scripted.writes == [True, False]
+
+
+def test_renewal_retries_while_etcd_has_no_leader() -> None:
+    down = ec.EtcdUnavailable("no etcd endpoint answered: no leader")
+    scripted = ScriptedClient([down, 3], [(True, [])])
+    assert hold_with(scripted).renew(lambda: True)
+
+
+def test_no_release_after_the_deadline() -> None:
+    scripted = ScriptedClient([], [])
+    hold = hold_with(scripted)  # acquired at clock 0: long past its deadline
+    assert hold.release() is False and scripted.sent == []
+
+
+def test_a_full_database_is_its_own_error_with_the_fix(
+    gateways: Callable[..., FakeGateway],
+) -> None:
+    error = {"error": "etcdserver: mvcc: database space exceeded", "code": 8}
+    fake = gateways(v3__kv__txn=lambda _: (500, error))
+    with pytest.raises(ec.EtcdNoSpace) as err:
+        client(fake).txn([], [], [])
+    assert "--auto-compaction-retention" in err.value.message and err.value.exit_code == 74
+
+
+def test_a_stale_jwt_login_and_a_changed_password_file_log_in_again(
+    gateways: Callable[..., FakeGateway],
+) -> None:
+    passwords = iter(["old", "new"])
+    calls = {"n": 0}
+
+    def range_(_: dict[str, Any]) -> tuple[int, Any]:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return 400, {"error": "etcdserver: revision of auth store is old", "code": 9}
+        return 200, {}
+
+    fake = gateways(v3__auth__authenticate=lambda body: (200, {"token": "t"}), v3__kv__range=range_)
+    c = client(fake, user="u", password=lambda: next(passwords))
+    c.get(b"/k")
+    c.get(b"/k")
+    auth = [body for path, body, _ in fake.seen if path.endswith("authenticate")]
+    assert [a["password"] for a in auth] == ["old", "new"]
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"FENCE_LEASE_TTL": "4"}, "set --ttl (FENCE_LEASE_TTL) to 9.8 or more"),
+        ({"FENCE_LEASE_TTL": "3", "FENCE_ETCD_ELECTION_TIMEOUT": "500"}, "to 5.3 or more"),
+        ({"FENCE_LEASE_TTL": "12", "FENCE_LOCK_DELAY": "3"}, "to 8 (TTL/2 + TTL/6)"),
+        ({"FENCE_ETCD_ELECTION_TIMEOUT": "1s"}, "milliseconds"),
+    ],
+)
+def test_timings_the_etcd_backend_cannot_keep_are_refused(
+    tmp_path: Any, env: dict[str, str], words: str
+) -> None:
+    with pytest.raises(UsageError) as err:
+        open_client(settings(tmp_path, **env))
+    assert words in err.value.message and err.value.exit_code == 64
+
+
+def test_etcd_lock_delay_defaults_to_outlast_the_holders_deadline(tmp_path: Any) -> None:
+    timings = settings(tmp_path, FENCE_LEASE_TTL="12").timings
+    assert timings.lock_delay == 8.0
+    open_client(settings(tmp_path, FENCE_LEASE_TTL="9.8"))  # the shortest at etcd's default
+
+
+@pytest.mark.parametrize(
+    ("version", "affected"),
+    [("3.4.23", True), ("3.4.31", False), ("3.5.12", True), ("3.5.13", False), ("3.6.0", False)],
+)
+def test_versions_whose_stuck_leader_revokes_live_leases(version: str, affected: bool) -> None:
+    assert ec._revokes_live_leases(version) is affected

@@ -26,6 +26,10 @@ from harness.procs import Registry, alive
 
 ETCD = os.environ.get("PGFENCE_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("PGFENCE_TEST_ETCDCTL", "/usr/bin/etcdctl")
+# The test clusters elect faster than etcd's default (1000 ms), so that pgfence accepts
+# the short TTLs that keep these tests quick; pgfence is told (FENCE_ETCD_ELECTION_TIMEOUT).
+HEARTBEAT_MS = 50
+ELECTION_MS = int(os.environ.get("PGFENCE_TEST_ELECTION_MS", "250"))
 
 
 def available() -> bool:
@@ -108,6 +112,45 @@ def make_tls(directory: str) -> Tls:
     )
 
 
+def issue_client_cert(tls: Tls, directory: str, name: str) -> tuple[str, str]:
+    """Another client certificate (without CN) from `tls`'s CA: (cert, key)."""
+    os.makedirs(directory, exist_ok=True)
+    ca_dir = os.path.dirname(tls.ca)
+    cert, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
+    ext = os.path.join(ca_dir, "client.ext")
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", key, "-out", cert + ".csr", "-subj", f"/O=pgfence test {name}")  # fmt: skip
+    run("x509", "-req", "-in", cert + ".csr", "-CA", tls.ca, "-CAkey",
+        os.path.join(ca_dir, "ca.key"), "-CAcreateserial", "-out", cert, "-days", "2",
+        "-extfile", ext)  # fmt: skip
+    return cert, key
+
+
+def revocation_list(tls: Tls, revoked: Sequence[str], directory: str) -> str:
+    """A CRL from `tls`'s CA that revokes the certificates in `revoked`."""
+    os.makedirs(directory, exist_ok=True)
+    ca_dir = os.path.dirname(tls.ca)
+    config = os.path.join(directory, "ca.cnf")
+    with open(config, "w") as f:
+        f.write(
+            "[ca]\ndefault_ca = fence\n[fence]\n"
+            f"database = {directory}/index.txt\ncrlnumber = {directory}/crlnumber\n"
+            "default_md = sha256\ndefault_crl_days = 2\n"
+        )
+    open(os.path.join(directory, "index.txt"), "w").close()
+    with open(os.path.join(directory, "crlnumber"), "w") as f:
+        f.write("01\n")
+    ca = ["-config", config, "-cert", tls.ca, "-keyfile", os.path.join(ca_dir, "ca.key")]
+    for cert in revoked:
+        subprocess.run(["openssl", "ca", *ca, "-revoke", cert], check=True, capture_output=True,
+                       timeout=60)  # fmt: skip
+    crl = os.path.join(directory, "crl.pem")
+    subprocess.run(["openssl", "ca", *ca, "-gencrl", "-out", crl], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    return crl
+
+
 # -- network namespaces --------------------------------------------------------------------
 
 
@@ -177,7 +220,10 @@ class EtcdCluster:
         tls: Tls | None = None,
         netns_of: dict[int, Netns] | None = None,
         host_ip: str = "127.0.0.1",
+        extra: Sequence[str] = (),
     ) -> None:
+        self.extra = list(extra)  # more etcd flags for every member
+        self.client_ca: str | None = None  # CA that members trust for client certificates
         self.registry = Registry()
         self.directory = directory
         self.tls = tls
@@ -231,8 +277,8 @@ class EtcdCluster:
             "--initial-cluster", initial,
             "--initial-cluster-state", "new",
             "--initial-cluster-token", self._token,
-            "--heartbeat-interval", "100",
-            "--election-timeout", "1000",
+            "--heartbeat-interval", str(HEARTBEAT_MS),
+            "--election-timeout", str(ELECTION_MS),
             "--logger", "zap",
             "--log-level", "warn",
             "--log-outputs", "stderr",
@@ -241,9 +287,10 @@ class EtcdCluster:
             argv += [
                 "--cert-file", self.tls.server_cert,
                 "--key-file", self.tls.server_key,
-                "--trusted-ca-file", self.tls.ca,
+                "--trusted-ca-file", self.client_ca or self.tls.ca,
                 "--client-cert-auth",
             ]  # fmt: skip
+        argv += self.extra
         if member.netns:
             argv = [*member.netns.prefix(), *argv]
         log = open(os.path.join(self.directory, f"{member.name}.log"), "ab")  # noqa: SIM115
@@ -300,7 +347,11 @@ class EtcdCluster:
         return answer
 
     def etcdctl(
-        self, *args: str, members: Sequence[int] | None = None, check: bool = True
+        self,
+        *args: str,
+        members: Sequence[int] | None = None,
+        check: bool = True,
+        stdin: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         argv = [ETCDCTL, "--endpoints", self.endpoints(members), "--command-timeout", "10s"]
         if self.tls:
@@ -310,6 +361,7 @@ class EtcdCluster:
             argv += ["--user", f"root:{self.root_password}"]
         result = subprocess.run(
             [*argv, *args],
+            input=stdin,
             capture_output=True,
             text=True,
             timeout=60,
@@ -330,6 +382,25 @@ class EtcdCluster:
         self.etcdctl("user", "grant-role", "root", "root")
         self.etcdctl("auth", "enable")
         self.root_password = root
+
+    def restore(self, snapshot: str) -> None:
+        """Stop every member and restore all from `snapshot` (etcdctl snapshot restore),
+        as after losing the cluster: the revision goes back to the snapshot's."""
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for i, member in enumerate(self.members):
+            self.stop_member(i)
+            data = os.path.join(self.directory, member.name)
+            shutil.rmtree(data)
+            subprocess.run(
+                [ETCDCTL, "snapshot", "restore", snapshot, "--data-dir", data,
+                 "--name", member.name, "--initial-cluster", initial,
+                 "--initial-cluster-token", self._token,
+                 "--initial-advertise-peer-urls", member.peer_url],
+                check=True, capture_output=True, timeout=60, env={**os.environ, "ETCDCTL_API": "3"},
+            )  # fmt: skip
+        for i in range(len(self.members)):
+            self.start_member(i, wait=False)
+        self.wait_healthy()
 
     def stop(self) -> None:
         self.registry.cleanup()
@@ -460,6 +531,10 @@ def fence_env(endpoints: str, key: str, token: str, ttl: float, **extra: str) ->
         FENCE_VARIABLE=token,
         FENCE_LEASE_TTL=f"{ttl:g}",
         FENCE_DRAIN_GRACE="1",
+        FENCE_ETCD_ELECTION_TIMEOUT=str(ELECTION_MS),
+        # No generation mark (a test that wants one sets a lock file in its own directory):
+        # marks shared by tests on different clusters would raise their generations.
+        FENCE_LOCK_FILE="/nonexistent/pgfence-etcd-tests/fence_lock",
     )
     env.update(extra)
     return env

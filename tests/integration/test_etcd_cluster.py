@@ -99,9 +99,9 @@ def test_16_contenders_without_waiting_exactly_one_holds_each_round(fleet: Fleet
 
 
 @pytest.mark.timeout(240)
-def test_16_waiting_contenders_take_turns_without_overlap(fleet: Fleet) -> None:
-    names = [f"w{i}" for i in range(16)]
-    contenders = {n: fleet.start(n, mode="run:0.3", ttl=4, FENCE_LOCK_DELAY="0.2") for n in names}
+def test_8_waiting_contenders_take_turns_without_overlap(fleet: Fleet) -> None:
+    names = [f"w{i}" for i in range(8)]  # each turn waits out the lock delay, 2.7 s
+    contenders = {n: fleet.start(n, mode="run:0.3", ttl=4) for n in names}
     for name, proc in contenders.items():
         assert proc.wait(timeout=200) == 0, fleet.stderr(name)
     events = h.events(fleet.log)
@@ -242,6 +242,8 @@ def test_a_pgfence_inside_the_command_recognises_its_supervisors_etcd_fence(
         "outer",
         "--ttl",
         "3",
+        "--etcd-election-timeout",
+        str(h.ELECTION_MS),
         "--",
         "sh",
         "-c",

@@ -13,6 +13,7 @@ partition, and the same measurement then sees both children alive at once.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -57,12 +58,13 @@ class Scene:
         self.key = f"/pgfence/{uuid.uuid4().hex[:8]}"
         self.log = os.path.join(directory, "children.log")
 
-    def start(self, name: str, inside: bool) -> subprocess.Popen[bytes]:
+    def start(self, name: str, inside: bool, first: int = 0) -> subprocess.Popen[bytes]:
         if inside:  # its own member first, then the two across the veth pair
             endpoints = ",".join(self.cluster.client_url(i) for i in (2, 0, 1))
             prefix = self.netns.prefix()
         else:
-            endpoints, prefix = self.cluster.endpoints(), []
+            order = [first, *(i for i in range(3) if i != first)]
+            endpoints, prefix = self.cluster.endpoints(order), []
         env = h.fence_env(endpoints, self.key, name, TTL, FENCE_ETCD_ALLOW_INSECURE="1")
         with open(os.path.join(self.dir, f"{name}.stderr"), "wb") as err:
             return self.procs.start(
@@ -138,3 +140,46 @@ def test_negative_control_frozen_holder_overlap_is_detected(scene: Scene) -> Non
     assert holder.wait(timeout=30) == 75, scene.stderr("A")
     died = death.wait(timeout=30)
     assert died is not None and died > b.time
+
+
+def member_ids(cluster: h.EtcdCluster) -> tuple[list[str], str]:
+    """Every member's id (hex, as etcdctl takes it) in member order, and the leader's."""
+    status = json.loads(cluster.etcdctl("endpoint", "status", "-w", "json").stdout)
+    ids = [f"{s['Status']['header']['member_id']:x}" for s in status]
+    return ids, f"{status[0]['Status']['leader']:x}"
+
+
+@pytest.mark.timeout(180)
+def test_a_keepalive_answered_by_an_isolated_leader_is_renewed_again_at_the_new_term(
+    scene: Scene,
+) -> None:
+    """The leader (member 2) loses its peers but not its clients: for an election timeout
+    it still answers lease keep-alives, at its old term, while the check fails over to the
+    new leader. The renewal sends the keep-alive again there, at the new term."""
+    cluster, netns = scene.cluster, scene.netns
+    ns = netns.prefix()
+    peers = [str(m.peer_port) for m in cluster.members]
+    rules = [
+        ["INPUT", "-p", "tcp", "--dport", peers[2], "-j", "DROP"],
+        *(["OUTPUT", "-p", "tcp", "--dport", p, "-j", "DROP"] for p in peers[:2]),
+    ]
+    holder = scene.start("A", inside=False, first=2)  # member 2 answers it first
+    h.started(scene.log, "A", timeout=30)
+    for _attempt in range(4):
+        ids, lead = member_ids(cluster)
+        if lead != ids[2]:
+            cluster.etcdctl("move-leader", ids[2], members=[ids.index(lead)])
+        time.sleep(1.0)
+        for rule in rules:
+            subprocess.run([*ns, "iptables", "-A", *rule], check=True, timeout=30)
+        try:
+            time.sleep(3 * TTL)
+        finally:
+            for rule in rules:
+                subprocess.run([*ns, "iptables", "-D", *rule], check=True, timeout=30)
+        cluster.wait_healthy()
+        assert holder.poll() is None, scene.stderr("A")
+        if "renewed the lease again at term" in scene.stderr("A"):
+            break
+    assert "renewed the lease again at term" in scene.stderr("A"), scene.stderr("A")
+    assert holder.poll() is None and scene.names_started() == ["A"]

@@ -4,36 +4,47 @@ Who may create the key (it is never overwritten, only created when absent):
 
     key                    holder's token   --wait (the default)       --no-wait
     ---------------------  ---------------  -------------------------  -----------------------
-    absent                 -                create it                  create it
+    absent                 -                create it, once absent     the same
+                                            for the lock delay
     pgfence record         another token    wait until it is gone      73
     pgfence record         ours, another    wait until it is gone      73 once its heartbeat
                            instance                                    moves; create it if it
                                                                        disappears first
+    pgfence record         ours, this       our own create, whose      the same
+                           instance's lease answer was lost
     anything else          -                65                         65
 
-The key disappears only when its holder deletes it or when its lease expires, which etcd
-decides on its leader, linearizably. A contender that saw the key held waits the
-lock-delay once more after it disappeared, then creates it in a transaction (create
+The key disappears when its holder deletes it or its lease expires, but also while its
+holder still runs: a lease revoked by a stuck etcd leader (etcd#15247), `etcdctl del`,
+`release --force`. That holder notices at its next renewal, and fences at the latest at
+its deadline, TTL/2 after its last successful renewal; a contender may never have seen
+it. So a contender creates the key only after it has seen it absent, without a break, for
+the lock delay, which is at least TTL/2 + TTL/6 (etcd_config.py), and at least that of a
+holder it saw, even on its first look. Then it creates the key in a transaction (create
 revision 0 -> put): of many contenders exactly one succeeds.
 
 Acquisition grants a lease of ceil(TTL) seconds, then creates the key attached to it. The
-key's create revision is the fencing token (PGFENCE_GENERATION): etcd's revision only
-grows, so every acquisition gets a larger one.
+fencing token (PGFENCE_GENERATION) is the key's create revision, which grows with every
+acquisition on one etcd cluster, but goes back when etcd is restored from a snapshot or
+replaced by a new cluster. So each holder also records its generation beside the data
+directory, in `<lock file>.generation` (the file the file backend keeps for the same
+purpose), and hands out one more than that mark when the revision is not larger: the
+generation only grows on a data directory, across restores, new clusters and switches
+between backends. Without that directory (FENCE_LOCK_FILE's) it is the bare revision,
+with a warning.
 
-Renewal (every TTL/6) is a lease keep-alive, then a transaction that writes the next
-heartbeat only if the key still has our create revision, our lease and the value we last
-wrote; both must succeed. The transaction needs a quorum, so a renewal never succeeds
-through a member cut off from the majority (whose leader may still renew leases for an
-election timeout). The holder fences on its own clock, TTL/2 after the start of its last
-successful renewal (`holder.py`); the lease cannot expire before ceil(TTL) after that
-keep-alive reached the leader (a new leader restarts every lease's full TTL, so leader
-changes only lengthen it), and a contender then waits lock-delay more: the margin is at
-least TTL/2 + lock-delay, the same as the file backend's.
+Renewal (every TTL/6) is a lease keep-alive, then a transaction that checks the key
+(etcd_hold.py); both must succeed, at one raft term. The transaction needs a quorum, so a
+renewal never succeeds through a member cut off from the majority. The holder fences on
+its own clock, TTL/2 after the start of its last successful renewal (`holder.py`); the
+lease cannot expire before ceil(TTL) after that keep-alive reached the leader (a new
+leader restarts every lease's full TTL, so leader changes only lengthen it), and a
+contender then waits lock-delay more: the margin is at least TTL/2 + lock-delay.
 
 Liveness, for `status`, `check` and `release`, is judged as with the file backend: the
-record's heartbeat (each renewal rewrites the value, so its mod revision moves) or, on the
-holder's own boot, the age of its monotonic clock reading. The lease's remaining TTL is
-not used: etcd reports it in whole seconds, which hides renewals of short TTLs.
+record's heartbeat (written once per TTL, the interval the record states, so its mod
+revision moves) or, on the holder's own boot, the age of its monotonic clock reading.
+The lease's remaining TTL is not used: etcd reports it in whole seconds.
 """
 
 from __future__ import annotations
@@ -54,9 +65,10 @@ from pgfence.backends.base import (
     watch_progress,
 )
 from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
-from pgfence.backends.etcd_config import open_client
+from pgfence.backends.etcd_config import minimum_lock_delay, open_client
 from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
-from pgfence.errors import FencedOut, LockFormatError, PgfenceError, StorageError
+from pgfence.backends.generation_mark import GenerationMark
+from pgfence.errors import FencedOut, LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LockRecord
 from pgfence.timings import Timings
 
@@ -77,8 +89,10 @@ class EtcdBackend(Backend):
         instance: str,
         timings: Timings,
         wait: bool,
+        lock_file: str | None = None,
     ) -> None:
         self.client = client
+        self._mark = GenerationMark(lock_file, instance) if lock_file else None
         self._fence = FenceKey(client, key, timings)
         self.key = self._fence.key
         self._token = token
@@ -93,7 +107,15 @@ class EtcdBackend(Backend):
     def from_settings(cls, settings: Settings, instance: str) -> EtcdBackend:
         """Check the etcd options (no network yet) and build the backend."""
         client, key = open_client(settings)
-        return cls(client, key, settings.token, instance, settings.timings, settings.wait)
+        return cls(
+            client,
+            key,
+            settings.token,
+            instance,
+            settings.timings,
+            settings.wait,
+            settings.lock_file,
+        )
 
     def location(self) -> str:
         return self._fence.location()
@@ -105,31 +127,57 @@ class EtcdBackend(Backend):
         watched: KeyValue | None = None
         beats = 0  # how often the watched holder's heartbeat moved
         previous = "free"
-        vanished_at: float | None = None  # when a key we saw held disappeared
+        absent_since: float | None = None  # first of the reads, all since, that found no key
+        delay = self._timings.lock_delay
+        pending: dict[int, int] = {}  # lease -> its TTL, of creates whose answer was lost
         # A waiting contender says at once whom it waits for, and why; one that gives
         # up at the first sign of a live holder (--no-wait) ends with one error line.
         next_progress = clock.now() + (0.0 if self._wait else PROGRESS_EVERY)
         timings = f" ({self._timings.describe()})"  # in the first message only
+        announced = False
         while True:
             try:
                 kv = self._fence.read()
                 contacted = True
+                if kv is not None and kv.lease in pending:
+                    hold = self._adopt(kv, pending[kv.lease], previous)  # may raise: kept
+                    del pending[kv.lease]
+                    if hold is not None:
+                        self._forget(pending)
+                        return hold
+                    continue
                 if kv is None:
+                    # Create the key only once it has been seen absent for the lock delay
+                    # without a break, even on the first look: a key can vanish while its
+                    # holder still runs (module docstring), and that holder may be one this
+                    # contender never saw.
                     now = clock.now()
-                    if watched is not None:
-                        vanished_at = vanished_at if vanished_at is not None else now
-                        left = vanished_at + self._timings.lock_delay - now
-                        if left > 0:
-                            sleep(min(self._timings.poll, left))
-                            continue
-                    created = self._create(previous)
+                    if absent_since is None:
+                        absent_since = now
+                    left = absent_since + delay - now
+                    if left > 0:
+                        if not announced and delay >= 1.0:
+                            announced = True
+                            log.event(
+                                "waiting",
+                                f"{self.location()} is free: creating it once it stayed "
+                                f"free for the lock delay ({delay:.3g} s), which outlasts "
+                                "any holder that lost it without noticing yet",
+                            )
+                        sleep(min(self._timings.poll, left))
+                        continue
+                    absent_since = None
+                    created = self._create(previous, pending)
                     if isinstance(created, EtcdHold):
+                        self._forget(pending)
                         return created
                     kv = created
-                    if kv is None:
-                        continue  # created and deleted by others meanwhile: look again
+                    if kv is None or kv.lease in pending:
+                        continue  # look again (and adopt the key if it is our own)
             except StorageError as exc:
+                absent_since = None  # the key may have come and gone unseen meanwhile
                 if not (contacted and self._wait):
+                    self._forget(pending)
                     raise
                 if clock.now() >= next_progress:
                     next_progress = clock.now() + PROGRESS_EVERY
@@ -140,8 +188,10 @@ class EtcdBackend(Backend):
                     )
                 sleep(self._timings.poll)
                 continue
-            vanished_at = None
+            absent_since = None
             holder = self._fence.holder_of(kv)
+            # The holder that goes away may have a longer TTL than ours: outlast it too.
+            delay = max(delay, holder.lock_delay, minimum_lock_delay(holder.ttl))
             if watched is not None and kv.create_revision == watched.create_revision:
                 beats += kv.mod_revision != watched.mod_revision
             else:
@@ -168,8 +218,9 @@ class EtcdBackend(Backend):
                 timings = ""
             sleep(self._timings.poll)
 
-    def _create(self, previous: str) -> EtcdHold | KeyValue | None:
-        """Create the key: our hold, or the key another contender created first."""
+    def _create(self, previous: str, pending: dict[int, int]) -> EtcdHold | KeyValue | None:
+        """Create the key: our hold, or the key another contender created first. When the
+        answer is lost, the lease is kept in `pending`: a key found under it is ours."""
         started = clock.now()
         until = started + self.deadline
         lease, granted = self.client.grant(self._lease_ttl, until, self.slow)
@@ -184,14 +235,49 @@ class EtcdBackend(Backend):
                 timeout=self.slow,
             )
         except PgfenceError:
-            self._fence.revoke_quietly(lease)  # takes the key along if the create did land
+            pending[lease] = granted  # the create may have landed: we will recognise it
             raise
         found = first_kv(responses[-1]) if responses else None
+        if found is not None and found.lease == lease and not ok:
+            # A resent create (its first answer lost) found the key the first one made.
+            pending[lease] = granted
+            return found
         if not ok or found is None or found.lease != lease:
             self._fence.revoke_quietly(lease)
             return found
         record = record.replace(generation=found.create_revision)
         hold = EtcdHold(self._fence, record, value, lease, granted, started)
+        return self._acquired(hold, started, previous)
+
+    def _adopt(self, kv: KeyValue, granted: int, previous: str) -> EtcdHold | None:
+        """The key under a lease of ours whose create's answer was lost: our own create.
+        Renewed once before it counts, so its deadline starts now; None if that fails
+        because the key is not ours after all."""
+        record = self._fence.own_record(kv, self._instance, kv.lease, kv.create_revision)
+        if record is None:
+            self._fence.revoke_quietly(kv.lease)
+            return None
+        record = record.replace(generation=kv.create_revision)  # what the hold compares
+        started = clock.now()
+        hold = EtcdHold(self._fence, record, kv.value, kv.lease, granted, started)
+        try:
+            if not hold.renew(lambda: True):
+                return None
+        except LockLost:
+            return None
+        log.event("adopted", f"{self.location()} was created by this pgfence, its answer lost")
+        return self._acquired(hold, started, previous)
+
+    def _acquired(self, hold: EtcdHold, started: float, previous: str) -> EtcdHold:
+        try:
+            last = self._mark.last() if self._mark else None
+            if self._mark and last is not None:
+                if last >= hold.generation:
+                    hold.raise_generation(last + 1)
+                self._mark.record(hold.generation)
+        except PgfenceError:
+            hold.release()  # nothing started: give the key back at once
+            raise
         hold.write_generation()
         if clock.now() - started >= self.deadline:
             hold.release(lambda: True)  # compares our create revision: never a successor's
@@ -199,24 +285,33 @@ class EtcdBackend(Backend):
                 f"acquiring {self.location()} took longer than the fence deadline "
                 f"({self.deadline:.3g} s); etcd is too slow for this TTL"
             )
+        if self.client.version_warning:
+            log.event("etcd_version", self.client.version_warning, level="warning")
         log.event(
             "acquired",
             f"acquired {self.location()} as token {self._token!r} (generation "
-            f"{hold.generation}, lease {lease:x} of {granted} s; previously {previous}); "
-            f"{self._timings.describe()}",
+            f"{hold.generation}, lease {hold.lease:x} of {hold.granted} s; previously "
+            f"{previous}); {self._timings.describe()}",
             lock=self.location(),
             token=self._token,
             instance=self._instance,
             generation=hold.generation,
-            lease=f"{lease:x}",
-            lease_ttl=granted,
+            lease=f"{hold.lease:x}",
+            lease_ttl=hold.granted,
             previous=previous,
         )
         return hold
 
+    def _forget(self, pending: dict[int, int]) -> None:
+        for lease in pending:
+            self._fence.revoke_quietly(lease)
+        pending.clear()
+
     def _new_record(self, started: float) -> LockRecord:
-        # generation 0: the key's create revision is written right after the key exists
-        return fresh_record(self._token, self._instance, self._timings, 0, started)
+        # generation 0: the key's create revision is written right after the key exists;
+        # the interval readers judge liveness by is that of heartbeat writes
+        record = fresh_record(self._token, self._instance, self._timings, 0, started)
+        return record.replace(interval=self._fence.write_every)
 
     def _lease_left(self, kv: KeyValue) -> str:
         try:

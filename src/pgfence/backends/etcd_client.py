@@ -29,11 +29,18 @@ Json = dict[str, Any]
 Guard = Optional[Callable[[], bool]]
 MIN_VERSION = (3, 4)
 UNAVAILABLE_CODES = (4, 8, 14)  # gRPC DeadlineExceeded, ResourceExhausted, Unavailable
+# A login that etcd no longer accepts: a simple token it forgot, or (JWT) a token issued
+# before the auth store changed (any user or role added, a password changed).
+STALE_LOGIN = ("invalid auth token", "revision of auth store is old")
 MAX_BODY = 1 << 20
 
 
 class EtcdUnavailable(StorageError):
     """No endpoint gave a usable answer (connection, TLS, timeout, no quorum): 74."""
+
+
+class EtcdNoSpace(StorageError):
+    """etcd's database reached its quota (the NOSPACE alarm): it refuses every write."""
 
 
 class EtcdRefused(UsageError):
@@ -132,15 +139,18 @@ class EtcdClient:
         self,
         endpoints: list[Endpoint],
         timeout: float,
-        tls: ssl.SSLContext | None,
+        tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None,
         user: str | None = None,
-        password: str | None = None,
+        password: str | Callable[[], str] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self.timeout = timeout
-        self._tls = tls
+        self._tls = tls  # a callable: read anew for every new connection
         self._user = user
-        self._password = password  # never logged, never part of a message
+        self._password = password  # never logged, never part of a message; a callable:
+        # read anew at every login
+        self.last_term = 0  # raft term in the header of the last answer
+        self.version_warning: str | None = None
         self._token: str | None = None  # auth token; "" when auth turned out disabled
         self._checked = False
         self._current = 0
@@ -181,10 +191,13 @@ class EtcdClient:
             raise EtcdRequestError("etcd granted a lease without an id")
         return lease, integer(answer, "TTL")
 
-    def keepalive(self, lease: int, guard: Guard = None, until: float | None = None) -> int:
-        """Renew `lease`; its TTL, or 0 when etcd no longer knows it (expired, revoked)."""
+    def keepalive(
+        self, lease: int, guard: Guard = None, until: float | None = None
+    ) -> tuple[int, int]:
+        """Renew `lease`: (its TTL, or 0 when etcd no longer knows it (expired, revoked);
+        the raft term of the member that answered)."""
         answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, guard, until)
-        return integer(answer, "TTL")
+        return integer(answer, "TTL"), self.last_term
 
     def time_to_live(self, lease: int, timeout: float | None = None) -> tuple[int, int]:
         """(seconds left, granted TTL); seconds left is -1 when the lease is gone."""
@@ -219,9 +232,9 @@ class EtcdClient:
             try:
                 return self._request("POST", path, body, guard, until, timeout)
             except EtcdRequestError as exc:
-                if not self._user or "invalid auth token" not in exc.message:
+                if not self._user or not any(s in exc.message for s in STALE_LOGIN):
                     raise
-            # The token expired (etcd forgets idle simple tokens): log in again, once.
+            # The token is no longer accepted: log in again, once.
             self._token = None
             self._authenticate(until, timeout)
             return self._request("POST", path, body, guard, until, timeout)
@@ -235,6 +248,12 @@ class EtcdClient:
                 f"{where} did not say which etcd version it runs (GET /version); "
                 "is it an etcd client URL?"
             )
+        if _revokes_live_leases(server):  # said by the holder, once it holds the fence
+            self.version_warning = (
+                f"etcd at {where} runs {server}, whose stuck leader can revoke a lease that "
+                "was renewed (etcd#15247): pgfence stays safe, but such a holder fences "
+                "itself; upgrade to etcd 3.4.31, 3.5.13 or later"
+            )
         for version in (server, str(answer.get("etcdcluster"))):
             match = re.match(r"(\d+)\.(\d+)", version)  # the cluster's may be "not_decided"
             if match and (int(match[1]), int(match[2])) < MIN_VERSION:
@@ -245,7 +264,8 @@ class EtcdClient:
         self._checked = True
 
     def _authenticate(self, until: float | None, timeout: float | None) -> None:
-        body = {"name": self._user, "password": self._password}
+        password = self._password() if callable(self._password) else self._password
+        body = {"name": self._user, "password": password}
         try:
             answer = self._request("POST", "/v3/auth/authenticate", body, None, until, timeout)
         except EtcdRequestError as exc:
@@ -311,7 +331,17 @@ class EtcdClient:
             if not failed:
                 self._current = index
                 result = answer.get("result")
-                return result if isinstance(result, dict) else answer
+                result = result if isinstance(result, dict) else answer
+                header = result.get("header")
+                self.last_term = integer(header, "raft_term") if isinstance(header, dict) else 0
+                return result
+            if "database space exceeded" in reason:
+                raise EtcdNoSpace(
+                    f"etcd at {endpoint.url} refused {path}: its database is full (database "
+                    "space exceeded, the NOSPACE alarm); free it (etcdctl compact, etcdctl "
+                    "defrag, etcdctl alarm disarm) and run etcd with "
+                    "--auto-compaction-retention so that its history cannot fill it again"
+                )
             if code in UNAVAILABLE_CODES or status in (502, 503, 504):
                 errors.append(f"{endpoint.url}: {reason}")
                 continue
@@ -366,7 +396,8 @@ class EtcdClient:
 
     def _connect(self, endpoint: Endpoint, timeout: float) -> http.client.HTTPConnection:
         if endpoint.scheme == "https":
-            context = self._tls or ssl.create_default_context()
+            tls = self._tls() if callable(self._tls) else self._tls
+            context = tls or ssl.create_default_context()
             return http.client.HTTPSConnection(
                 endpoint.host, endpoint.port, timeout=timeout, context=context
             )
@@ -376,6 +407,15 @@ class EtcdClient:
         conn = self._connections.pop(endpoint, None)
         if conn is not None:
             conn.close()
+
+
+def _revokes_live_leases(version: str) -> bool:
+    """etcd 3.4 before 3.4.31 and 3.5 before 3.5.13 (etcd#15247)."""
+    match = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if not match:
+        return False
+    parts = tuple(int(p) for p in match.groups())
+    return (3, 4, 0) <= parts < (3, 4, 31) or (3, 5, 0) <= parts < (3, 5, 13)
 
 
 def _decode(data: bytes) -> Json:

@@ -1,18 +1,24 @@
-"""The etcd options, checked before any connection: endpoints, key, credentials, TLS.
+"""The etcd options, checked before any connection: endpoints, key, credentials, TLS,
+and the timings the etcd backend can keep.
 
 Plain http is refused to any host but loopback unless --etcd-allow-insecure: the fence
 and the credentials would otherwise cross the network in clear. The password is read
 from a file (FENCE_ETCD_PASSWORD_FILE), never from the command line or the environment,
-and appears in no message.
+and appears in no message. The password file and the TLS files are read again whenever
+they are needed anew (a new login, a new connection), so that they can be rotated under
+a running holder: file first, then etcd.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import ssl
 import urllib.parse
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Callable, Generic, TypeVar, Union
 
+from pgfence import log
 from pgfence.backends.etcd_client import Endpoint, EtcdClient
 from pgfence.errors import UsageError
 from pgfence.timings import Timings
@@ -42,16 +48,77 @@ def open_client(settings: Settings) -> tuple[EtcdClient, str]:
             f"etcd key {key[:60]!r} must be printable text without surrounding white "
             "space, at most 1024 bytes"
         )
+    check_timings(settings.timings, etcd.election_timeout)
     password = None
     if etcd.user:
-        password = read_password(etcd.password_file)
+        password = Reloading(
+            f"password file {etcd.password_file}",
+            [etcd.password_file],
+            lambda: read_password(etcd.password_file),
+        )
+        password()  # read now: a bad file is a usage error before any connection
     elif etcd.password_file:
         raise UsageError(
             "an etcd password file is set but no user: set --etcd-user (FENCE_ETCD_USER)"
         )
-    tls = tls_context(etcd, endpoints)
+    tls = tls_source(etcd, endpoints)
     timeout = request_timeouts(settings.timings)[0]
     return EtcdClient(endpoints, timeout, tls, etcd.user, password), key
+
+
+# -- timings ---------------------------------------------------------------------------
+
+LEADERLESS_MARGIN = 0.25  # s: the election's own messages, a scheduling delay
+
+
+def minimum_ttl(election_timeout: float) -> float:
+    """The shortest TTL whose holder survives an etcd leader failure (quorum kept).
+
+    With the leader gone, no renewal succeeds until the others elect a new one: up to
+    two election timeouts (each member waits a random timeout in [ET, 2 ET)), and one
+    more when two candidates split the vote, plus one request timeout for a renewal that
+    was waiting on the failed member. The holder must come through that within its fence
+    deadline, TTL/2. (With two election timeouts and no more, a holder at that minimum
+    self-fenced once in three leader crashes on etcd 3.4.23.) In tenths of a second.
+    """
+    needed = 3 * election_timeout + LEADERLESS_MARGIN
+    deadline = needed + 0.5
+    for _ in range(60):  # the request timeout grows with the deadline, by a third
+        deadline = needed + request_timeouts(Timings.lease(2 * deadline))[0]
+    return math.ceil(20 * deadline - 1e-9) / 10
+
+
+def minimum_lock_delay(ttl: float) -> float:
+    """The shortest lock delay that outlasts a holder whose key vanished.
+
+    A key can disappear while its holder runs (a lease revoked by a stuck etcd leader,
+    `etcdctl del`, `release --force`). The holder notices at its next renewal, and fences
+    at the latest at its deadline, TTL/2 after its last successful renewal; the lock
+    delay adds one renewal interval (TTL/6) for killing its server.
+    """
+    return ttl / 2 + ttl / 6
+
+
+def check_timings(timings: Timings, election_timeout: float) -> None:
+    shortest = minimum_ttl(election_timeout)
+    if timings.ttl < shortest:
+        raise UsageError(
+            f"TTL {timings.ttl:g} s is too short for the etcd backend: when the etcd leader "
+            f"fails, no renewal succeeds until a new one is elected (up to 3 election "
+            f"timeouts, {3 * election_timeout:g} s with --etcd-election-timeout "
+            f"{election_timeout * 1000:g}), and the holder must come through that within "
+            f"its fence deadline, TTL/2; set --ttl (FENCE_LEASE_TTL) to {shortest:g} or "
+            "more, or, if the cluster elects faster, its --etcd-election-timeout"
+        )
+    least = minimum_lock_delay(timings.ttl)
+    if timings.lock_delay < least - 1e-9:
+        raise UsageError(
+            f"lock delay {timings.lock_delay:g} s is too short for the etcd backend: an "
+            "etcd key can vanish under a live holder (a lease revoked by a stuck etcd "
+            "leader, etcdctl del, release --force), which kills its server only at its "
+            f"next renewal, at the latest TTL/2 later; set --lock-delay (FENCE_LOCK_DELAY) "
+            f"to {least:.3g} (TTL/2 + TTL/6) or more, or leave it unset"
+        )
 
 
 def request_timeouts(timings: Timings) -> tuple[float, float]:
@@ -142,6 +209,71 @@ def read_password(path: str | None) -> str:
     if "\n" in text:
         raise UsageError(f"the etcd password file {path} has more than one line")
     return text
+
+
+T = TypeVar("T")
+
+
+class Reloading(Generic[T]):
+    """A value read from files, read again when a file's identity or size or time
+    changes. A file that cannot be read any more (being replaced, say) leaves the last
+    good value in use, with a warning; at the first read it is a usage error."""
+
+    def __init__(self, what: str, paths: list[str | None], load: Callable[[], T]) -> None:
+        self._what = what
+        self._paths = [p for p in paths if p]
+        self._load = load
+        self._stamp: object = None
+        self._value: T | None = None
+
+    def _stamps(self) -> object:
+        stamps = []
+        for path in self._paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        return tuple(stamps)
+
+    def __call__(self) -> T:
+        stamp = self._stamps()
+        if self._value is not None and stamp == self._stamp:
+            return self._value
+        try:
+            value = self._load()
+        except UsageError as exc:
+            if self._value is None:
+                raise
+            log.event(
+                "etcd_credentials",
+                f"kept the previous etcd {self._what}: {exc.message}",
+                level="warning",
+            )
+            return self._value
+        if self._value is not None:
+            log.event("etcd_credentials", f"read the etcd {self._what} again: it changed")
+        self._stamp, self._value = stamp, value
+        return value
+
+
+def tls_source(
+    etcd: EtcdSettings, endpoints: list[Endpoint]
+) -> Callable[[], ssl.SSLContext] | None:
+    """The TLS context for new connections, loaded now (to check the files) and again
+    whenever one of the files changed."""
+    if tls_context(etcd, endpoints) is None:
+        return None
+    files = [etcd.ca_file, etcd.cert_file, etcd.key_file]
+
+    def load() -> ssl.SSLContext:
+        context = tls_context(etcd, endpoints)
+        assert context is not None  # an endpoint uses https
+        return context
+
+    source = Reloading("TLS files", files, load)
+    source()
+    return source
 
 
 def tls_context(etcd: EtcdSettings, endpoints: list[Endpoint]) -> ssl.SSLContext | None:

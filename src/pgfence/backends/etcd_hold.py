@@ -1,19 +1,39 @@
 """One fence key in etcd: reading it, and holding it (renewal and release).
 
-A renewal is a lease keep-alive, then a transaction that writes the next heartbeat only if
-the key still has our create revision, our lease and the value we last wrote; both must
-succeed, and the whole renewal gives up at the fence deadline. The transaction needs a
-quorum, so no renewal succeeds through a member cut off from the majority (whose lease
-keep-alives may still be answered for an election timeout).
+A renewal is a lease keep-alive, then a transaction that checks that the key still has
+our create revision, our lease and the value we last wrote; both must succeed, at the
+same raft term, and the whole renewal gives up at the fence deadline (retrying while etcd
+has no leader). The transaction needs a quorum (a read-only one is a linearizable read),
+so no renewal succeeds through a member cut off from the majority. Such a member, if it
+led, may still answer keep-alives for an election timeout, but at its old term: a
+keep-alive answered at another term than the transaction is sent again where the
+transaction was answered, and the renewal counts only if the terms then agree.
+
+Every write adds to etcd's history (about 400 bytes), which etcd keeps until it is
+compacted. So the heartbeat (the record with its counter and clock) is written only once
+per TTL, by the transaction of that renewal; the others only compare. `status`, `check`
+and `release` judge liveness from the record's interval, which is that write interval.
+A write refused because etcd's database is full does not fail the renewal: the compare
+alone still proves the key ours, and a full etcd must not stop every database.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 
-from pgfence import clock
+from pgfence import clock, log
 from pgfence.backends.base import Hold
-from pgfence.backends.etcd_client import EtcdClient, GuardRefused, Json, KeyValue, b64, first_kv
+from pgfence.backends.etcd_client import (
+    EtcdClient,
+    EtcdNoSpace,
+    EtcdUnavailable,
+    GuardRefused,
+    Json,
+    KeyValue,
+    b64,
+    first_kv,
+)
 from pgfence.backends.etcd_config import request_timeouts
 from pgfence.errors import LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LegacyLock, LockRecord, parse
@@ -22,6 +42,8 @@ from pgfence.timings import Timings
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pgfence.backends.base import Guard
+
+RETRY_PAUSE = 0.1  # s between the attempts of one renewal while etcd has no leader
 
 # -- parts of the transactions on the key ---------------------------------------------------
 
@@ -51,6 +73,11 @@ def delete(key: bytes) -> Json:
     return {"request_delete_range": {"key": b64(key)}}
 
 
+def heartbeat_write_interval(timings: Timings) -> float:
+    """Seconds between heartbeat writes: one per TTL, at most every sixth renewal."""
+    return max(timings.interval, 6 * timings.interval)
+
+
 class FenceKey:
     """The key, the client that reaches it, and how long requests about it may take."""
 
@@ -60,6 +87,8 @@ class FenceKey:
         self.key = key.encode("utf-8", "surrogateescape")
         self.deadline = timings.deadline or timings.ttl / 2
         self.slow = request_timeouts(timings)[1]
+        self.interval = timings.interval
+        self.write_every = heartbeat_write_interval(timings)
 
     def location(self) -> str:
         return f"etcd:{self.text}"
@@ -89,13 +118,15 @@ class FenceKey:
                 f"{where} holds {holder.describe()} without a lease, which pgfence never "
                 f"writes (it would never expire); {hint}"
             )
-        return holder.replace(generation=kv.create_revision)
+        # The generation is the create revision unless the holder's high-water mark beside
+        # the data directory raised it (after an etcd restore, say): then its record says.
+        return holder.replace(generation=max(holder.generation, kv.create_revision))
 
     def own_record(
-        self, kv: KeyValue | None, instance: str, lease: int, generation: int
+        self, kv: KeyValue | None, instance: str, lease: int, revision: int
     ) -> LockRecord | None:
         """The record in `kv` if it is exactly that hold's, else None."""
-        if kv is None or kv.lease != lease or kv.create_revision != generation:
+        if kv is None or kv.lease != lease or kv.create_revision != revision:
             return None
         try:
             record = self.holder_of(kv)
@@ -137,21 +168,32 @@ class EtcdHold(Hold):
         self.lease = lease
         self.granted = granted
         self._mutex = threading.Lock()  # renewals and release never overlap
-        self.generation = record.generation
+        self.revision = record.generation  # the key's create revision: what we compare
+        self.generation = record.generation  # the fencing token: at least the revision
         self.instance = record.instance
         self.acquired_clock = acquired
+        self._renewed_at = acquired  # start of the newest renewal that succeeded
+        self._written_at = acquired  # start of the newest heartbeat write
+        self._full_since: float | None = None  # etcd refused writes: database full
 
     def renew(self, guard: Guard) -> bool:
         with self._mutex:
-            until = clock.now() + self._fence.deadline
+            started = clock.now()
+            until = started + self._fence.deadline
             try:
-                ttl = self._client.keepalive(self.lease, guard, until)
-                if ttl <= 0:
-                    raise LockLost(
-                        f"etcd no longer knows the lease {self.lease:x} of "
-                        f"{self._fence.location()}: it expired or was revoked"
-                    )
-                self._beat(self._record.next_beat(clock.now(), clock.wall_iso()), guard, until)
+                while True:
+                    try:
+                        self._renew_once(guard, until)
+                        break
+                    except EtcdUnavailable:
+                        # No leader for now (an election), or no endpoint answered: etcd
+                        # elects within two election timeouts, so try again within the
+                        # budget rather than waiting for the next renewal; but give up
+                        # a renewal interval early, so that the reason is logged before
+                        # the deadline fences.
+                        if clock.now() + RETRY_PAUSE >= until - self._fence.interval:
+                            raise
+                        time.sleep(RETRY_PAUSE)
             except GuardRefused:
                 return False
             except (LockLost, StorageError):
@@ -160,24 +202,105 @@ class EtcdHold(Hold):
                 raise StorageError(exc.message) from None
             except Exception as exc:  # never a traceback from the renewer: the deadline decides
                 raise StorageError(f"renewal failed unexpectedly: {exc!r}") from None
+            self._renewed_at = started
             return True
+
+    def _renew_once(self, guard: Guard, until: float) -> None:
+        kept_at = self._keepalive(guard, until)
+        since = clock.now() - self._written_at
+        write = since >= self._fence.write_every - self._fence.interval / 2
+        checked_at = None
+        if write:
+            started = clock.now()
+            try:
+                checked_at = self._beat(
+                    self._record.next_beat(started, clock.wall_iso()), guard, until
+                )
+                self._written_at = started
+                self._full_since = None
+            except EtcdNoSpace as exc:
+                if self._full_since is None:
+                    self._full_since = started
+                    log.event("etcd_full", f"heartbeat not written: {exc.message}", level="error")
+        if checked_at is None:
+            checked_at = self._check(guard, until)
+        if kept_at != checked_at:
+            # The keep-alive may have reached a leader cut off from the majority, whose
+            # renewal counts for nothing once another member leads: renew again where
+            # the transaction was answered (the endpoint tried first now).
+            first = kept_at
+            kept_at = self._keepalive(guard, until)
+            if kept_at == checked_at:
+                log.event(
+                    "etcd_term",
+                    f"the lease keep-alive was answered at raft term {first} and the check "
+                    f"at term {checked_at}: renewed the lease again at term {checked_at}",
+                )
+            else:
+                raise StorageError(
+                    f"the lease keep-alive was answered at raft term {kept_at} and the "
+                    f"check of {self._fence.location()} at term {checked_at} (an etcd "
+                    "election is under way)"
+                )
+
+    def _keepalive(self, guard: Guard, until: float) -> int:
+        """Renew the lease; the raft term at which it was renewed."""
+        ttl, term = self._client.keepalive(self.lease, guard, until)
+        if ttl <= 0:
+            raise LockLost(
+                f"etcd no longer knows the lease {self.lease:x} of "
+                f"{self._fence.location()}: it expired or was revoked"
+            )
+        return term
+
+    def _check(self, guard: Guard, until: float) -> int:
+        """Is the key still ours (a linearizable read, no write)? Its raft term."""
+        key = self._key
+        ok, responses = self._client.txn(
+            [
+                compare(key, "CREATE", self.revision),
+                compare(key, "LEASE", self.lease),
+                compare(key, "VALUE", self._value),
+            ],
+            [],
+            [get(key)],
+            guard,
+            until,
+        )
+        term = self._client.last_term
+        if ok:
+            return term
+        found = first_kv(responses[0]) if responses else None
+        mine = self._fence.own_record(found, self.instance, self.lease, self.revision)
+        if found is None or mine is None:
+            raise LockLost(f"{self._fence.location()} {self._fence.now_holds(found)}")
+        # Our previous write landed although its answer was lost: go on from it.
+        self._record, self._value = mine, found.value
+        return term
+
+    def raise_generation(self, generation: int) -> None:
+        """Hand out `generation` (above the create revision) as the fencing token."""
+        self.generation = generation
+        self._record = self._record.replace(generation=generation)
 
     def write_generation(self) -> None:
         """Right after creating the key: write the record again with its generation (the
-        create revision, unknown before the write). Best effort: every renewal writes it."""
+        create revision, unknown before the write). Best effort: the next heartbeat
+        write has it too."""
         with self._mutex:
             try:
                 self._beat(self._record, None, clock.now() + self._fence.deadline)
             except PgfenceError:
                 pass
 
-    def _beat(self, record: LockRecord, guard: Guard | None, until: float) -> None:
+    def _beat(self, record: LockRecord, guard: Guard | None, until: float) -> int:
+        """Write `record` over our last value; the raft term of the answer."""
         key = self._key
         for _ in range(2):
             data = record.encode()
             ok, responses = self._client.txn(
                 [
-                    compare(key, "CREATE", self.generation),
+                    compare(key, "CREATE", self.revision),
                     compare(key, "LEASE", self.lease),
                     compare(key, "VALUE", self._value),
                 ],
@@ -188,9 +311,9 @@ class EtcdHold(Hold):
             )
             if ok:
                 self._record, self._value = record, data
-                return
+                return self._client.last_term
             found = first_kv(responses[0]) if responses else None
-            mine = self._fence.own_record(found, self.instance, self.lease, self.generation)
+            mine = self._fence.own_record(found, self.instance, self.lease, self.revision)
             if found is None or mine is None:
                 break
             # Our previous write landed although its answer was lost: go on from it.
@@ -200,12 +323,12 @@ class EtcdHold(Hold):
 
     def release(self, guard: Guard) -> bool:
         with self._mutex:
-            if not guard():
-                return False  # past the deadline: the key expires with its lease
+            if not guard() or clock.now() - self._renewed_at > self._fence.deadline:
+                return False  # past the deadline the key may be another's: touch nothing
             key, slow = self._key, self._fence.slow
             try:
                 ok, _ = self._client.txn(
-                    [compare(key, "CREATE", self.generation), compare(key, "LEASE", self.lease)],
+                    [compare(key, "CREATE", self.revision), compare(key, "LEASE", self.lease)],
                     [delete(key)],
                     [],
                     timeout=slow,
