@@ -520,7 +520,7 @@ def test_renewal_retries_while_etcd_has_no_leader() -> None:
 def test_no_release_after_the_deadline() -> None:
     scripted = ScriptedClient([], [])
     hold = hold_with(scripted)  # acquired at clock 0: long past its deadline
-    assert hold.release() is False and scripted.sent == []
+    assert hold.release(lambda: True) is False and scripted.sent == []
 
 
 def test_a_full_database_is_its_own_error_with_the_fix(

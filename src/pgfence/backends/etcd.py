@@ -276,7 +276,7 @@ class EtcdBackend(Backend):
                     hold.raise_generation(last + 1)
                 self._mark.record(hold.generation)
         except PgfenceError:
-            hold.release()  # nothing started: give the key back at once
+            hold.release(lambda: True)  # nothing started: give the key back at once
             raise
         hold.write_generation()
         if clock.now() - started >= self.deadline:

@@ -12,16 +12,13 @@ from __future__ import annotations
 import os
 
 from pgfence import log
-from pgfence.errors import LockFormatError
 from pgfence.lockfile import LockFile
-
-SIDECAR = "generation"
 
 
 class GenerationMark:
     def __init__(self, lock_file: str, instance: str) -> None:
         self._file = LockFile(lock_file, instance)
-        self.path = f"{self._file.path}.{SIDECAR}"
+        self._instance = instance
 
     def last(self) -> int | None:
         """The mark (0 if none yet); None, with a warning, when the lock file's directory
@@ -36,17 +33,9 @@ class GenerationMark:
                 level="warning",
             )
             return None
-        data = self._file.read_sidecar(SIDECAR)
-        if data is None:
-            return 0
-        text = data.decode("ascii", "replace").strip()
-        if not text.isdigit() or len(text) > 18:
-            raise LockFormatError(
-                f"{self.path} does not hold a generation number; restore it, or remove it "
-                "if no server runs on this data directory"
-            )
-        return int(text)
+        last, _ = self._file.read_generation()  # 65 when it holds no number
+        return last
 
     def record(self, generation: int) -> None:
-        """Durably replace the mark (fsynced, like the file backend's)."""
-        self._file.write_sidecar(SIDECAR, f"{generation}\n".encode())
+        """Durably raise the mark to `generation` (it never moves down), as won by us."""
+        self._file.raise_generation(generation, self._instance)
