@@ -347,3 +347,25 @@ def test_remove_claims_only_touches_its_prefix(lock: LockFile) -> None:
     lock.remove_claims("3-")
     assert leftovers(lock) == [f"{lock.name}.takeover-4-1"]
     assert lock.read() == Snapshot(b"db-1\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_files_written_as_root_belong_to_the_directory_owner(tmp_path: Path) -> None:
+    """The official entrypoint chowns whatever in PGDATA is not postgres's, as root: a
+    short-lived file of ours that vanished under that `find -exec chown` stopped the
+    container. Written as root, our files are the directory owner's from the start."""
+    directory = tmp_path / "pgdata"
+    directory.mkdir()
+    os.chown(directory, 999, 999)
+    lockfile = LockFile(str(directory / "fence_lock"), INSTANCE)
+    assert lockfile.create(b"db-1\n")
+    written = os.stat(lockfile.path)
+    assert (written.st_uid, written.st_gid) == (999, 999)
+    assert lockfile.renew(Snapshot(b"db-1\n"), b"db-1\nbeat\n", yes).ok
+    assert os.stat(lockfile.path).st_uid == 999
+    assert leftovers(lockfile) == []
+
+
+def test_files_in_a_root_directory_stay_roots(lock: LockFile) -> None:
+    assert lock.create(b"db-1\n")
+    assert os.stat(lock.path).st_uid == os.geteuid()

@@ -331,6 +331,7 @@ class LockFile:
                 self._check_directory()
             raise storage_error(exc, "write a file in", self.directory) from None
         try:
+            self._own_like_directory(fd)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
@@ -341,6 +342,21 @@ class LockFile:
             raise storage_error(exc, "write a file in", self.directory) from None
         os.close(fd)
         return temp
+
+    def _own_like_directory(self, fd: int) -> None:
+        """As root, give our file the lock directory's owner. The official entrypoint, as
+        root, chowns everything in PGDATA not owned by postgres (`find ... -exec chown`),
+        and fails when one of our short-lived files vanishes under it; a file that is
+        already the directory owner's is not among them. Refused (NFS root_squash): the
+        file stays root's, which changes nothing else."""
+        if os.geteuid() != 0:
+            return
+        owner = os.stat(self.directory)
+        if owner.st_uid != 0:
+            try:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+            except PermissionError:
+                pass
 
     def _link(self, source: str, target: str) -> bool:
         try:
