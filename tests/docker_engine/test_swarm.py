@@ -10,7 +10,7 @@ Each stack file is deployed as written, except for what this machine needs (`loc
 - the hostname template pg-{{.Node.Hostname}} gains -{{.Task.Slot}}: one node stands in for
   two, and two tasks of one service get two tokens, as on two nodes;
 - secrets are files; the lease TTL may be shortened, to keep the run short;
-- `version: "3.8"` is added: the engine's `docker stack deploy` (20.10) refuses a file
+- `version: "3.8"` is kept (the examples carry it): the engine's `docker stack deploy` (20.10) refuses a file
   without it ("unsupported Compose file version: 1.0").
 """
 
@@ -58,7 +58,7 @@ def local_stack(
     source: str, image: str, tmp: Path, env: dict[str, str] | None = None, replicas: int = 2
 ) -> Path:
     doc: dict[str, Any] = yaml.safe_load((EXAMPLES / source).read_text())
-    doc = {"version": "3.8", **doc}
+    doc = {"version": "3.8", **doc}  # the examples carry it; a stack without one is refused
     svc = doc["services"]["postgres"]
     svc["image"] = image
     svc.pop("ports", None)
