@@ -10,8 +10,8 @@ Each stack file is deployed as written, except for what this machine needs (`loc
 - the hostname template pg-{{.Node.Hostname}} gains -{{.Task.Slot}}: one node stands in for
   two, and two tasks of one service get two tokens, as on two nodes;
 - secrets are files; the lease TTL may be shortened, to keep the run short;
-- `version: "3.8"` is kept (the examples carry it): the engine's `docker stack deploy` (20.10) refuses a file
-  without it ("unsupported Compose file version: 1.0").
+- `version: "3.8"` is kept (the examples carry it): the engine's `docker stack deploy`
+  (20.10) refuses a file without it ("unsupported Compose file version: 1.0").
 """
 
 from __future__ import annotations
