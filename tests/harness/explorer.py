@@ -80,6 +80,7 @@ class Run:
     history: list[tuple[float, bytes | None]] = field(default_factory=list)
     pools: list[threading.Thread] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    polled: threading.Event = field(default_factory=threading.Event)  # stop the lock poller
     seed_generation: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -136,7 +137,7 @@ class Run:
 
     def poll_lock(self) -> None:
         last: bytes | None | str = "unset"
-        while not self.stopping.is_set() or last == "unset":
+        while not self.polled.is_set() or last == "unset":
             data = read_bytes(self.lock)
             if data != last:
                 self.history.append((time.monotonic(), data))
@@ -453,9 +454,14 @@ def execute(src: str, path: Path, fault: dict[str, object] | None, work: str) ->
                 proc.killed_by_us = True
                 proc.popen.wait()
             proc.code = proc.popen.returncode
-        poller.join(2)
+    run.poller = poller  # type: ignore[attr-defined]
     target = next(p for p in run.procs if p.name == "target")
     return run, target
+
+
+def finish_polling(run: Run) -> None:
+    run.polled.set()
+    run.poller.join(2)  # type: ignore[attr-defined]
 
 
 def recover(run: Run) -> str:
@@ -507,8 +513,25 @@ def judge(run: Run, target: Proc, recovered: str) -> tuple[str, dict[str, str]]:
     gens = [int(str(o["generation"])) for o in oracles if str(o["generation"]).isdigit()]
     bad = [(a, b) for a, b in zip([run.seed_generation, *gens], gens) if b <= a]
     verdicts["generation"] = (
-        f"VIOLATION: generation {bad[0][1]} after {bad[0][0]}" if bad else "ok"
+        f"VIOLATION: a command got generation {bad[0][1]} after {bad[0][0]}" if bad else "ok"
     )
+    if not bad:
+        # The lock file too: every new holder's generation above every earlier one.
+        seen: list[tuple[str, int]] = []
+        for _, data in run.history:
+            fields = parse_lock(data)
+            if fields is None or not fields.get("generation", "").isdigit():
+                continue
+            holder = (fields.get("instance", ""), int(fields["generation"]))
+            if seen and holder == seen[-1]:
+                continue
+            if seen and holder[1] <= max(g for _, g in seen):
+                verdicts["generation"] = (
+                    f"VIOLATION: the lock got generation {holder[1]} again "
+                    f"(after {max(g for _, g in seen)})"
+                )
+                break
+            seen.append(holder)
     verdicts["respected"] = respected(run, oracles)
     verdicts["exits"] = exits(run, target)
     verdicts["recovers"] = recovered
@@ -617,6 +640,7 @@ def run_row(src: str, row: Row, work: str, keep: bool) -> Outcome:
         recovered = recover(run)
     except subprocess.TimeoutExpired:
         recovered = "VIOLATION: the recovery probe hung"
+    finish_polling(run)
     outcome, verdicts = judge(run, target, recovered)
     if run.notes:
         outcome += "; " + "; ".join(run.notes)
