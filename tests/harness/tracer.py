@@ -115,10 +115,35 @@ OPEN_CALLS = {"open": 1, "openat": 2, "openat2": 2}  # which argument holds the 
 class Regs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_ulonglong)
-        for name in (
-            "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs "
-            "eflags rsp ss fs_base gs_base ds es fs gs"
-        ).split()
+        for name in [
+            "r15",
+            "r14",
+            "r13",
+            "r12",
+            "rbp",
+            "rbx",
+            "r11",
+            "r10",
+            "r9",
+            "r8",
+            "rax",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "orig_rax",
+            "rip",
+            "cs",
+            "eflags",
+            "rsp",
+            "ss",
+            "fs_base",
+            "gs_base",
+            "ds",
+            "es",
+            "fs",
+            "gs",
+        ]
     ]
 
     def args(self) -> tuple[int, ...]:
@@ -255,8 +280,10 @@ class Tracer:
         detail = ""
         if name in OPEN_CALLS:
             flags = args[OPEN_CALLS[name]] if name != "openat2" else 0
-            detail = ",O_CREAT" if flags & os.O_CREAT else (
-                ",O_DIRECTORY" if flags & os.O_DIRECTORY else ""
+            detail = (
+                ",O_CREAT"
+                if flags & os.O_CREAT
+                else (",O_DIRECTORY" if flags & os.O_DIRECTORY else "")
             )
         signature = f"{name}({'→'.join(roles)}{detail})"
         return {"name": name, "paths": paths, "sig": signature}

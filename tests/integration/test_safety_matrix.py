@@ -1,7 +1,7 @@
 """The crash-and-pause explorer (issue 9): a quick slice of the safety matrix, in CI.
 
 `scripts/safety-matrix` runs every (path, call, fault) and writes docs/safety-matrix.md;
-here a representative slice runs (`explorer.quick_selection`: every fault on the calls
+here a representative slice runs (`matrix.quick_selection`: every fault on the calls
 that change the lock on the release and takeover paths, the acquiring write, a delayed
 renewal). Before trusting any verdict, the tracer's faults are checked on a toy, and the
 checker is shown a deliberately unfenced pgfence, which it must flag.
@@ -21,13 +21,20 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import needs_root
-from harness import explorer
+from harness import explorer, invariants, matrix
+from harness.paths import PATHS
 
 pytestmark = [pytest.mark.integration, needs_root]
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "src")
-QUICK_PATHS = ("acquire-free", "renew", "renew-strict", "holder-release", "operator-release",
-               "lease-takeover")
-ROWS: list[explorer.Row] = []
+QUICK_PATHS = (
+    "acquire-free",
+    "renew",
+    "renew-strict",
+    "holder-release",
+    "operator-release",
+    "lease-takeover",
+)
+ROWS: list[matrix.Row] = []
 ROWS_LOCK = threading.Lock()
 
 
@@ -37,12 +44,12 @@ def work() -> Iterator[str]:
         yield path
 
 
-def quick_rows(work: str) -> list[explorer.Row]:
+def quick_rows(work: str) -> list[matrix.Row]:
     with ROWS_LOCK:
         if not ROWS:
-            paths = [p for p in explorer.PATHS if p.name in QUICK_PATHS]
-            rows = explorer.build_rows(SRC, paths, explorer.FAULTS, work, lambda _: None)
-            ROWS.extend(explorer.quick_selection(rows))
+            paths = [p for p in PATHS if p.name in QUICK_PATHS]
+            rows = matrix.build_rows(SRC, paths, explorer.FAULTS, work, lambda _: None)
+            ROWS.extend(matrix.quick_selection(rows))
         return ROWS
 
 
@@ -57,7 +64,9 @@ TOY = textwrap.dedent(
 )
 
 
-def traced_toy(tmp_path: str, fault: dict[str, object] | None) -> tuple[int, list[str], list[dict[str, object]]]:
+def traced_toy(
+    tmp_path: str, fault: dict[str, object] | None
+) -> tuple[int, list[str], list[dict[str, object]]]:
     lock_dir = os.path.join(tmp_path, "d")
     os.makedirs(lock_dir, exist_ok=True)
     fault_file = os.path.join(tmp_path, "fault.json")
@@ -65,8 +74,21 @@ def traced_toy(tmp_path: str, fault: dict[str, object] | None) -> tuple[int, lis
         json.dump(fault, f)
     log = os.path.join(tmp_path, "trace.jsonl")
     done = subprocess.run(
-        [explorer.PYTHON, explorer.TRACER, "--dir", lock_dir, "--log", log, "--fault", fault_file,
-         "--", explorer.PYTHON, "-c", TOY, lock_dir],
+        [
+            explorer.PYTHON,
+            explorer.TRACER,
+            "--dir",
+            lock_dir,
+            "--log",
+            log,
+            "--fault",
+            fault_file,
+            "--",
+            explorer.PYTHON,
+            "-c",
+            TOY,
+            lock_dir,
+        ],
         timeout=60,
     )
     with open(log) as f:
@@ -96,7 +118,9 @@ def test_tracer_faults_hit_exactly_the_named_call(tmp_path: str) -> None:
     code, files, _ = traced_toy(str(tmp_path / "after"), {**fault, "kind": "after"})
     assert code == 128 + 9 and files == ["one", "two"]  # killed at the exit: it was
 
-    code, files, records = traced_toy(str(tmp_path / "delay"), {**fault, "kind": "delay", "seconds": 0.5})
+    code, files, records = traced_toy(
+        str(tmp_path / "delay"), {**fault, "kind": "delay", "seconds": 0.5}
+    )
     assert code == 0 and files == ["one", "three", "two"]
     held = [r for r in records if r.get("event") in ("fault", "resumed")]
     assert [r["event"] for r in held] == ["fault", "resumed"]
@@ -126,14 +150,14 @@ def test_negative_control_unfenced_pgfence_is_flagged(work: str) -> None:
         f.write("")
     with open(os.path.join(src, "pgfence", "__main__.py"), "w") as f:
         f.write(UNFENCED)
-    path = next(p for p in explorer.PATHS if p.name == "lease-takeover")
+    path = next(p for p in PATHS if p.name == "lease-takeover")
     # The unfenced target makes no lock call, so there is nothing to trace: run the path
     # with a fault that never fires and judge what happened.
     fault = {"phase": "main", "prefix": ["never"], "nth": 1, "kind": "before"}
     run, target = explorer.execute(src, path, fault, work)
-    recovered = explorer.recover(run)
+    recovered = invariants.recover(run)
     explorer.finish_polling(run)
-    _, verdicts = explorer.judge(run, target, recovered)
+    _, verdicts = invariants.judge(run, target, recovered)
     assert verdicts["one"].startswith("VIOLATION"), verdicts
     assert verdicts["generation"].startswith("VIOLATION"), verdicts
 
@@ -143,6 +167,8 @@ def test_quick_slice_has_no_violation(work: str) -> None:
     """Every run of the quick slice keeps all five invariants."""
     rows = quick_rows(work)
     assert rows, "the quick selection chose no row"
-    results = explorer.run_matrix(SRC, rows, work, 2, False, lambda m: print(m, file=sys.stderr))
-    bad = [f"{r.path} {r.call} {r.fault}: {'; '.join(r.violations)}" for r in results if r.violations]
+    results = matrix.run_matrix(SRC, rows, work, 2, False, lambda m: print(m, file=sys.stderr))
+    bad = [
+        f"{r.path} {r.call} {r.fault}: {'; '.join(r.violations)}" for r in results if r.violations
+    ]
     assert not bad, "\n".join(bad)
