@@ -31,6 +31,7 @@ from harness.invariants import INVARIANTS, TOLERANCE, Outcome, judge, recover
 @dataclass
 class Row:
     path: Path
+    phase: str
     prefix: list[str]
     fault: str
 
@@ -39,25 +40,39 @@ class Row:
         return f"#{len(self.prefix)} {self.prefix[-1]}"
 
 
-def enumerate_calls(src: str, path: Path, work: str) -> list[list[str]]:
-    """The target's lock calls on `path`, from a traced run without a fault."""
+def enumerate_calls(src: str, path: Path, work: str) -> tuple[str, list[list[str]]]:
+    """The target's phase and its lock calls on `path`, from a traced run without a fault.
+
+    A path's phase "renewer" is the first thread other than main that makes lock calls,
+    whatever threads the explored version starts before it."""
     run, target = execute(src, path, None, work)
+    records = [r for r in trace_records(target) if "prefix" in r]
+    phase = path.phase
+    if phase == "renewer":
+        phase = next(
+            (
+                str(r["phase"])
+                for r in records
+                if r["phase"] != "main" and r["phase"] != "main-after-thread"
+            ),
+            "t1",
+        )
     prefixes: list[list[str]] = []
-    for r in trace_records(target):
-        if r.get("phase") == path.phase and r.get("nth") == path.nth and "prefix" in r:
+    for r in records:
+        if r.get("phase") == phase and r.get("nth") == path.nth:
             prefix = [str(s) for s in r["prefix"]]  # type: ignore[attr-defined]
             if prefix not in prefixes:
                 prefixes.append(prefix)
     shutil.rmtree(run.root, ignore_errors=True)
     if not prefixes:
-        raise RuntimeError(f"{path.name}: the target made no lock call in phase {path.phase}")
-    return prefixes
+        raise RuntimeError(f"{path.name}: the target made no lock call in phase {phase}")
+    return phase, prefixes
 
 
 def run_row(src: str, row: Row, work: str, keep: bool) -> Outcome:
     started = time.monotonic()
     fault: dict[str, object] = {
-        "phase": row.path.phase,
+        "phase": row.phase,
         "prefix": row.prefix,
         "nth": row.path.nth,
         "kind": row.fault,
@@ -110,11 +125,11 @@ def build_rows(
 ) -> list[Row]:
     rows = []
     for path in paths:
-        prefixes = enumerate_calls(src, path, work)
-        progress(f"{path.name}: {len(prefixes)} calls traced")
+        phase, prefixes = enumerate_calls(src, path, work)
+        progress(f"{path.name}: {len(prefixes)} calls traced ({phase})")
         for prefix in prefixes:
             for fault in faults:
-                rows.append(Row(path, prefix, fault))
+                rows.append(Row(path, phase, prefix, fault))
     return rows
 
 

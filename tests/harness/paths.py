@@ -2,11 +2,11 @@
 and what happens around it.
 
 Each path has one *target* process whose lock calls are the matrix's rows, in one
-*phase* (tracer.py: "main" before the renewer thread starts, "t1" the renewer,
-"main-after-thread" the release after the command exited). Contenders start after the
-target, so that without a fault the target takes the path under test; with a fault they
-race it. Tokens: A the target (or the same-token rival), B another container, H a holder
-that crashes, T a takeover target, O the operator.
+*phase* (tracer.py: "main" before the renewer thread makes its first call, "renewer"
+that thread, "main-after-thread" the release after the command exited). Contenders
+start after the target, so that without a fault the target takes the path under test;
+with a fault they race it. Tokens: A the target (or the same-token rival), B another
+container, H a holder that crashes, T a takeover target, O the operator.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ PATHS = [
     Path(
         "renew",
         "lease, a steady-state renewal",
-        "t1",
+        "renewer",
         2,
         _run("A", LEASE),
         seed_none,
@@ -196,7 +196,7 @@ PATHS = [
     Path(
         "renew-strict",
         "strict, a steady-state heartbeat, same-token rival",
-        "t1",
+        "renewer",
         2,
         _run("A", STRICT),
         seed_none,

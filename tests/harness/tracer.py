@@ -8,12 +8,14 @@ descriptor, lies in LOCKDIR (the directory itself or a file directly inside it) 
 "lock call" and is written to TRACE as one JSON line at its exit (or at its entry, when
 the process dies there).
 
-Lock calls are grouped into *bursts*: a thread's burst ends when that thread makes any
-other system call that blocks for BURST_GAP seconds or more (a sleep, a wait for a
-signal or a lock). Each call is named by its *phase* (which thread, and for the main
-thread whether it has started another thread yet), the signatures of the calls before
-it in its burst, and its own signature (system call, and what the path is: the lock, a
-temporary file, a takeover claim, ...). Such a name means the same step of the protocol
+A call's *phase* is the thread that makes it: "main", then "main-after-thread" once
+another thread (the renewer) has made a lock call, or "t1", "t2", ... for the threads in
+the order they started. Lock calls are grouped into *bursts*: a thread's burst ends
+when that thread makes any other system call that blocks for BURST_GAP seconds or more
+(a sleep, a wait for a signal or a lock). Each call is named by its phase, the
+signatures of the calls before it in its burst, and its own signature (system call,
+and what the path is: the lock, a temporary file, a takeover claim, ...). Such a name
+means the same step of the protocol
 in every run, whatever the timing: a contender polls a varying number of times, but its
 first poll and its decisive takeover burst always start the same way.
 
@@ -196,6 +198,7 @@ class Tracer:
         self.threads: dict[int, Thread] = {}
         self.main_pid = 0
         self.started_threads = 0
+        self.other_thread_called = False  # has a thread but main made a lock call yet?
         self.seq = 0
         self.mem_fd: int | None = None
 
@@ -291,7 +294,7 @@ class Tracer:
     def phase_of(self, thread: Thread) -> str:
         if thread.role != "main":
             return thread.role
-        return "main" if self.started_threads == 0 else "main-after-thread"
+        return "main-after-thread" if self.other_thread_called else "main"
 
     # -- the loop ------------------------------------------------------------------
 
@@ -431,6 +434,8 @@ class Tracer:
     pending_after = False
 
     def enter(self, thread: Thread, call: dict[str, object], now: float) -> None:
+        if thread.role != "main":
+            self.other_thread_called = True
         prefix = (*thread.burst, str(call["sig"]))
         thread.burst = list(prefix)
         phase = self.phase_of(thread)
