@@ -40,6 +40,8 @@ TOLERANCE = 0.1  # s: lock poll period + oracle beat + scheduling
 RUN_CODES = {0, 64, 65, 73, 74, 75, 126, 127, *range(129, 193)}
 RELEASE_CODES = {0, 65, 73, 74, *range(129, 193)}
 FAULTS = ("delay", "before", "after")
+# Every process a run started and has not yet reaped, for `kill_everything`.
+LIVE: set[subprocess.Popen[bytes]] = set()
 LEASE = ("--mode", "lease", "--ttl", f"{TTL:g}")
 STRICT = ("--mode", "strict", "--heartbeat-interval", f"{STRICT_INTERVAL:g}")
 
@@ -130,6 +132,7 @@ class Run:
             popen = subprocess.Popen(
                 argv, env=self.env(), stdin=subprocess.DEVNULL, stdout=err, stderr=err
             )
+        LIVE.add(popen)
         proc = Proc(name, kind, popen, stderr, log if traced is not None else None)
         self.procs.append(proc)
         return proc
@@ -293,9 +296,20 @@ def execute(src: str, path: Path, fault: dict[str, object] | None, work: str) ->
                 proc.killed_by_us = True
                 proc.popen.wait()
             proc.code = proc.popen.returncode
+            LIVE.discard(proc.popen)
     run.poller = poller
     target = next(p for p in run.procs if p.name == "target")
     return run, target
+
+
+def kill_everything() -> None:
+    """SIGKILL every process the runs started (the explorer is interrupted). A killed
+    pgfence takes its command along (parent-death signal); a killed tracer, its tracee."""
+    for popen in list(LIVE):
+        try:
+            popen.kill()
+        except OSError:
+            pass
 
 
 def stop(proc: Proc) -> None:

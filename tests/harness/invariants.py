@@ -5,7 +5,8 @@
 - generation: the generations the commands got, and the lock file's generations, strictly
               increase;
 - respected:  no lock is deleted or replaced by anyone else while its holder's command
-              runs (beyond TOLERANCE: how often the lock is polled and the oracle beats);
+              runs, beyond the holder's renewal interval (it notices at its next renewal)
+              and TOLERANCE (how often the lock is polled and the oracle beats);
 - exits:      every exit status is a documented one, and no traceback;
 - recovers:   afterwards a correct newcomer acquires without an operator, unless a
               strict-mode or one-line lock is left (README: clearing those is an operator
@@ -135,7 +136,10 @@ def judge(run: Run, target: Proc, recovered: str) -> tuple[str, dict[str, str]]:
 
 
 def respected(run: Run, oracles: list[dict[str, object]]) -> str:
-    """No lock replaced or deleted by another while its holder's command still runs."""
+    """No lock replaced or deleted by another while its holder's command runs on beyond
+    the documented bound: a holder notices a lost lock at its next renewal (README: "a
+    stolen or lost lease is noticed within R"), so its command may run one renewal
+    interval (the record's `interval`) more, plus TOLERANCE."""
     for (_, old), (when, new) in zip(run.history, run.history[1:]):
         before, after = parse_lock(old), parse_lock(new)
         if before is None or "instance" not in before:
@@ -150,7 +154,8 @@ def respected(run: Run, oracles: list[dict[str, object]]) -> str:
                 "generation"
             ):
                 late = float(str(o["end"])) - when
-                if float(str(o["start"])) < when and late > TOLERANCE:
+                bound = _float(before.get("interval", "")) + TOLERANCE
+                if float(str(o["start"])) < when and late > bound:
                     what = (
                         "deleted"
                         if new is None
@@ -158,9 +163,16 @@ def respected(run: Run, oracles: list[dict[str, object]]) -> str:
                     )
                     return (
                         f"VIOLATION: lock of gen {before['generation']} {what} while its "
-                        f"command ran {late:.2f} s more"
+                        f"command ran {late:.2f} s more (bound {bound:.2f} s)"
                     )
     return "ok"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def exits(run: Run, target: Proc) -> str:

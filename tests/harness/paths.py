@@ -104,7 +104,10 @@ def drive_renew(pool_argv: Callable[[Run], list[str]]) -> Drive:
 def drive_release(run: Run, target_argv: list[str]) -> None:
     target = run.start("target", target_argv, traced=run.fault_file)
     run.held_by_new_oracle(0, 10, target)
+    # Two contenders: when one takes over and a late release deletes its lock, the other
+    # is already waiting to create one.
     run.pool("contender", lease_contender(run))
+    run.pool("contender", run.run_argv("C", *LEASE))
     time.sleep(1.0)
     stop(target)  # the command exits; the target releases
     wait_exit(target, run.delay + 5)
@@ -133,6 +136,7 @@ def drive_takeover(run: Run, target_argv: list[str]) -> None:
     target = run.start("target", target_argv, traced=run.fault_file)
     time.sleep(1.0)
     run.pool("contender", lease_contender(run))
+    run.pool("contender", run.run_argv("C", *LEASE))
     hold_then_stop(run, target, 1.5, run.delay + 2 * WAIT + 3, seen=1)
 
 

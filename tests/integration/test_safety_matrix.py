@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -25,32 +24,17 @@ from harness import explorer, invariants, matrix
 from harness.paths import PATHS
 
 pytestmark = [pytest.mark.integration, needs_root]
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "src")
-QUICK_PATHS = (
-    "acquire-free",
-    "renew",
-    "renew-strict",
-    "holder-release",
-    "operator-release",
-    "lease-takeover",
+# The tree to explore: this repository's, or another (PGFENCE_EXPLORE_SRC=/path/to/src).
+SRC = os.environ.get("PGFENCE_EXPLORE_SRC") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "src"
 )
-ROWS: list[matrix.Row] = []
-ROWS_LOCK = threading.Lock()
+QUICK_PATHS = tuple(matrix.QUICK)
 
 
 @pytest.fixture(scope="module")
 def work() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="pgfence-explorer-") as path:
         yield path
-
-
-def quick_rows(work: str) -> list[matrix.Row]:
-    with ROWS_LOCK:
-        if not ROWS:
-            paths = [p for p in PATHS if p.name in QUICK_PATHS]
-            rows = matrix.build_rows(SRC, paths, explorer.FAULTS, work, lambda _: None)
-            ROWS.extend(matrix.quick_selection(rows))
-        return ROWS
 
 
 TOY = textwrap.dedent(
@@ -165,7 +149,8 @@ def test_negative_control_unfenced_pgfence_is_flagged(work: str) -> None:
 @pytest.mark.timeout(600)
 def test_quick_slice_has_no_violation(work: str) -> None:
     """Every run of the quick slice keeps all five invariants."""
-    rows = quick_rows(work)
+    paths = [p for p in PATHS if p.name in QUICK_PATHS]
+    rows = matrix.quick_selection(matrix.build_rows(SRC, paths, explorer.FAULTS, work, print))
     assert rows, "the quick selection chose no row"
     results = matrix.run_matrix(SRC, rows, work, 2, False, lambda m: print(m, file=sys.stderr))
     bad = [
