@@ -342,9 +342,14 @@ def wait_exit(proc: Proc, timeout: float) -> None:
 
 
 def finish_polling(run: Run) -> None:
+    """Stop the lock poller and keep its history in the run directory (for post-mortems)."""
     run.polled.set()
     if run.poller is not None:
         run.poller.join(2)
+    with open(os.path.join(run.root, "lock-history.jsonl"), "w") as f:
+        for when, data in run.history:
+            text = None if data is None else data.decode("utf-8", "replace")
+            f.write(json.dumps({"t": when, "lock": text}) + "\n")
 
 
 def trace_records(proc: Proc) -> list[dict[str, object]]:

@@ -113,26 +113,34 @@ def judge(run: Run, target: Proc, recovered: str) -> tuple[str, dict[str, str]]:
         f"VIOLATION: a command got generation {bad[0][1]} after {bad[0][0]}" if bad else "ok"
     )
     if not bad:
-        # The lock file too: every new holder's generation above every earlier one.
-        seen: list[tuple[str, int]] = []
-        for _, data in run.history:
-            fields = parse_lock(data)
-            if fields is None or not fields.get("generation", "").isdigit():
-                continue
-            holder = (fields.get("instance", ""), int(fields["generation"]))
-            if seen and holder == seen[-1]:
-                continue
-            if seen and holder[1] <= max(g for _, g in seen):
-                verdicts["generation"] = (
-                    f"VIOLATION: the lock got generation {holder[1]} again "
-                    f"(after {max(g for _, g in seen)})"
-                )
-                break
-            seen.append(holder)
+        verdicts["generation"] = lock_generations(run)
     verdicts["respected"] = respected(run, oracles)
     verdicts["exits"] = exits(run, target)
     verdicts["recovers"] = recovered
     return describe(run, target, oracles), verdicts
+
+
+def lock_generations(run: Run) -> str:
+    """Every new holder of the lock file has a generation above every earlier one.
+
+    A holder may rewrite its own fresh lock with a higher generation before it starts
+    its command (one that finds its reserved number was used meanwhile does): what counts
+    is the last generation each holder wrote before another holder's record appeared."""
+    holders: list[tuple[str, int]] = []  # (instance, last generation it wrote)
+    for _, data in run.history:
+        fields = parse_lock(data)
+        if fields is None or not fields.get("generation", "").isdigit():
+            continue
+        instance, generation = fields.get("instance", ""), int(fields["generation"])
+        if holders and holders[-1][0] == instance:
+            holders[-1] = (instance, max(holders[-1][1], generation))
+        else:
+            holders.append((instance, generation))
+    for i, (_, generation) in enumerate(holders[1:], 1):
+        earlier = max(g for _, g in holders[:i])
+        if generation <= earlier:
+            return f"VIOLATION: the lock got generation {generation} again (after {earlier})"
+    return "ok"
 
 
 def respected(run: Run, oracles: list[dict[str, object]]) -> str:
