@@ -37,8 +37,6 @@ DELAY = WAIT + 1.0  # fault (a) on a lease path: the call is held this long
 # or twice that where strict holders fence themselves after 3 x 0.5 + 1 s.
 STRICT_DELAY = 2 * (3 * STRICT_INTERVAL + 1.0) + 1.0
 TOLERANCE = 0.1  # s: lock poll period + oracle beat + scheduling
-RUN_CODES = {0, 64, 65, 73, 74, 75, 126, 127, *range(129, 193)}
-RELEASE_CODES = {0, 65, 73, 74, *range(129, 193)}
 FAULTS = ("delay", "before", "after")
 # Every process a run started and has not yet reaped, for `kill_everything`.
 LIVE: set[subprocess.Popen[bytes]] = set()
