@@ -369,3 +369,30 @@ def test_files_written_as_root_belong_to_the_directory_owner(tmp_path: Path) -> 
 def test_files_in_a_root_directory_stay_roots(lock: LockFile) -> None:
     assert lock.create(b"db-1\n")
     assert os.stat(lock.path).st_uid == os.geteuid()
+
+
+def test_a_late_write_lowers_one_copy_of_the_generation_never_both(lock: LockFile) -> None:
+    """A writer paused between its last read and its rename puts back the value it read
+    long ago; it lowers the copy it was renaming, and the other still says the highest."""
+    assert lock.raise_generation(7, "aaaa") == 7
+    primary, mirror = f"{lock.path}.generation", f"{lock.path}.generation.mirror"
+    assert read_bytes(primary) == read_bytes(mirror) == b"7 aaaa\n"
+    for late in (primary, mirror):
+        write_file(late, b"3\n")  # what the late rename lands
+        assert lock.read_generation() == (7, "aaaa")
+        assert lock.raise_generation(4) == 7  # nobody is handed a lower number
+        write_file(late, b"7 aaaa\n")
+    assert lock.raise_generation(8) == 8
+    assert read_bytes(primary) == read_bytes(mirror) == b"8\n"
+
+
+def test_a_broken_copy_of_the_generation_is_refused(lock: LockFile) -> None:
+    lock.raise_generation(2)
+    write_file(f"{lock.path}.generation.mirror", b"garbage\n")
+    with pytest.raises(LockFormatError, match=r"generation\.mirror does not hold"):
+        lock.read_generation()
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()

@@ -258,17 +258,13 @@ class LockFile:
 
     def read_generation(self) -> tuple[int, str]:
         """The generation file: (the highest generation handed out or reserved, and the
-        instance that won it, "" while it is only reserved); (0, "") when absent."""
-        data = self._read_regular(f"{self.path}.{GENERATION_SUFFIX}", "generation file")
-        if data is None:
-            return 0, ""
-        words = data.decode("ascii", "replace").split()
-        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 18:
-            raise LockFormatError(
-                f"{self.path}.{GENERATION_SUFFIX} does not hold a generation number; "
-                "restore it, or remove it if no server runs on this data directory"
-            )
-        return int(words[0]), words[1] if len(words) == 2 else ""
+        instance that won it, "" while it is only reserved); (0, "") when absent.
+
+        It is kept twice, `<lock>.generation` and `<lock>.generation.mirror`, each raised
+        by its own compare-then-rename, and read as the larger: a writer that pauses
+        between its last read and its rename can lower the one file it was renaming,
+        never both (see `raise_generation`)."""
+        return max(self._read_generation_file(path) for path in self._generation_paths())
 
     def raise_generation(
         self, value: int, owner: str = "", guard: Callable[[], bool] | None = None
@@ -276,36 +272,51 @@ class LockFile:
         """Make the generation file say at least `value` (with `owner`: won by it), durably;
         it never moves down. Returns the generation it holds afterwards.
 
-        The file is re-read once the new content is complete, just before the rename, so
-        a writer that read an older value and writes late does not lower it (unless it
-        pauses exactly between that read and the rename); `guard()`, when given, is
-        checked there too (a holder past its deadline writes nothing).
+        Each copy is re-read once the new content is complete, just before its rename, so
+        a writer that read an older value and writes late does not lower it; a writer that
+        pauses exactly between that read and the rename lowers that copy only, while the
+        other keeps the highest value (every writer raises both, one after the other).
+        `guard()`, when given, is checked before each rename too (a holder past its
+        deadline writes nothing).
         """
-        data = f"{value} {owner}\n" if owner else f"{value}\n"
+        data = (f"{value} {owner}\n" if owner else f"{value}\n").encode()
 
-        def holds_enough() -> int | None:
-            current, current_owner = self.read_generation()
-            if current > value or (current == value and (current_owner or not owner)):
-                return current
-            return None
+        def holds_enough(found: tuple[int, str]) -> bool:
+            current, current_owner = found
+            return current > value or (current == value and bool(current_owner or not owner))
 
-        found = holds_enough()
-        if found is not None:
-            return found
-        temp = self._write_temp(data.encode())
-        try:
-            found = holds_enough()
-            if found is not None:
-                return found
-            if guard is not None and not guard():
-                return self.read_generation()[0]
-            self._rename(temp, f"{self.path}.{GENERATION_SUFFIX}")
-            temp = ""
-            self._sync_directory()
-            return value
-        finally:
-            if temp:
-                self._unlink_quietly(temp)
+        for path in self._generation_paths():
+            if holds_enough(self._read_generation_file(path)):
+                continue
+            temp = self._write_temp(data)
+            try:
+                if holds_enough(self._read_generation_file(path)):
+                    continue
+                if guard is not None and not guard():
+                    return self.read_generation()[0]
+                self._rename(temp, path)
+                temp = ""
+                self._sync_directory()
+            finally:
+                if temp:
+                    self._unlink_quietly(temp)
+        return max(value, self.read_generation()[0])
+
+    def _generation_paths(self) -> tuple[str, str]:
+        primary = f"{self.path}.{GENERATION_SUFFIX}"
+        return primary, f"{primary}.mirror"
+
+    def _read_generation_file(self, path: str) -> tuple[int, str]:
+        data = self._read_regular(path, "generation file")
+        if data is None:
+            return 0, ""
+        words = data.decode("ascii", "replace").split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or len(words[0]) > 18:
+            raise LockFormatError(
+                f"{path} does not hold a generation number; "
+                "restore it, or remove it if no server runs on this data directory"
+            )
+        return int(words[0]), words[1] if len(words) == 2 else ""
 
     # -- primitives ------------------------------------------------------------------
 
