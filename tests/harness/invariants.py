@@ -2,8 +2,8 @@
 
 - one:        never two commands running under the fence at once (each oracle's flock,
               and the oracles' start-to-last-beat intervals);
-- generation: the generations the commands got, and the lock file's generations, strictly
-              increase;
+- generation: the generations the commands got, and the lock file's generations of the
+              holders that started a command, strictly increase;
 - respected:  no lock is deleted or replaced by anyone else while its holder's command
               runs, beyond the holder's renewal interval (it notices at its next renewal)
               and TOLERANCE (how often the lock is polled and the oracle beats);
@@ -115,25 +115,31 @@ def judge(run: Run, target: Proc, recovered: str) -> tuple[str, dict[str, str]]:
         f"VIOLATION: a command got generation {bad[0][1]} after {bad[0][0]}" if bad else "ok"
     )
     if not bad:
-        verdicts["generation"] = lock_generations(run)
+        verdicts["generation"] = lock_generations(run, {str(o["instance"]) for o in oracles})
     verdicts["respected"] = respected(run, oracles)
     verdicts["exits"] = exits(run, target)
     verdicts["recovers"] = recovered
     return describe(run, target, oracles), verdicts
 
 
-def lock_generations(run: Run) -> str:
-    """Every new holder of the lock file has a generation above every earlier one.
+def lock_generations(run: Run, started: set[str]) -> str:
+    """Every new holder of the lock file that starts a command has a generation above
+    every earlier one.
 
     A holder may rewrite its own fresh lock with a higher generation before it starts
     its command (one that finds its reserved number was used meanwhile does): what counts
-    is the last generation each holder wrote before another holder's record appeared."""
+    is the last generation each holder wrote before another holder's record appeared. A
+    holder that never starts one (a late acquisition, past its deadline: it exits 75 and
+    may not even rewrite its lock) hands no fencing token out, and the next holder counts
+    its generation in anyway (README: a late acquisition never starts the command)."""
     holders: list[tuple[str, int]] = []  # (instance, last generation it wrote)
     for _, data in run.history:
         fields = parse_lock(data)
         if fields is None or not fields.get("generation", "").isdigit():
             continue
         instance, generation = fields.get("instance", ""), int(fields["generation"])
+        if instance not in started:
+            continue
         if holders and holders[-1][0] == instance:
             holders[-1] = (instance, max(holders[-1][1], generation))
         else:
