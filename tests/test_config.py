@@ -84,6 +84,25 @@ def test_defaults() -> None:
 
 
 @pytest.mark.parametrize(
+    ("major", "lock"),
+    [
+        ("", "/var/lib/postgresql/data/fence_lock"),
+        ("13", "/var/lib/postgresql/data/fence_lock"),
+        ("17", "/var/lib/postgresql/data/fence_lock"),
+        ("18", "/var/lib/postgresql/fence_lock"),
+        ("19", "/var/lib/postgresql/fence_lock"),
+        ("x", "/var/lib/postgresql/data/fence_lock"),
+    ],
+)
+def test_default_lock_follows_the_official_layout(major: str, lock: str) -> None:
+    """The official images from 18 on mount their volume at /var/lib/postgresql: the old
+    script's path would be off it (the shim image and the Swarm config style rely on this)."""
+    env = {"HOSTNAME": "h", "PG_MAJOR": major} if major else {"HOSTNAME": "h"}
+    assert settings("status", [], env).lock_file == lock
+    assert settings("run", [], {**env, "FENCE_LOCK_FILE": "/x/l"}).lock_file == "/x/l"
+
+
+@pytest.mark.parametrize(
     ("dest", "flag", "env_name", "flag_value", "env_value", "default"),
     [
         ("lock_file", "--lock-file", "FENCE_LOCK_FILE", "/f/l", "/e/l", DEFAULT_LOCK_FILE),

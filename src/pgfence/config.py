@@ -17,6 +17,18 @@ from pgfence.struct import Struct
 from pgfence.timings import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_TTL, MIN_TTL, Timings
 
 DEFAULT_LOCK_FILE = "/var/lib/postgresql/data/fence_lock"
+# The official images from 18 on mount their volume at /var/lib/postgresql, PGDATA below
+# it: there the old script's path is off the volume. They say which they are in PG_MAJOR.
+DEFAULT_LOCK_FILE_18 = "/var/lib/postgresql/fence_lock"
+
+
+def default_lock_file(env: Mapping[str, str]) -> str:
+    """The lock's default path: the old script's, or in an official image from 18 on (by
+    its PG_MAJOR) the root of its volume."""
+    major = env.get("PG_MAJOR", "")
+    return DEFAULT_LOCK_FILE_18 if major.isdigit() and int(major) >= 18 else DEFAULT_LOCK_FILE
+
+
 DEFAULT_DRAIN_GRACE = 10.0
 
 
@@ -391,7 +403,7 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     return Settings(
         token=_token(values, env),
         backend=backend,
-        lock_file=_lock_file(lock_file),
+        lock_file=_lock_file(lock_file, env),
         etcd=EtcdSettings(
             endpoints=_optional_text(raw("etcd_endpoints")[0]),
             key=_optional_text(raw("etcd_key")[0]),
@@ -451,8 +463,8 @@ def _optional_text(value: str | bool | None) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
-def _lock_file(value: str | bool | None) -> str:
-    path = DEFAULT_LOCK_FILE if value is None else str(value)
+def _lock_file(value: str | bool | None, env: Mapping[str, str]) -> str:
+    path = default_lock_file(env) if value is None else str(value)
     if not path or path.endswith("/") or "\0" in path:
         raise UsageError(
             f"lock file path {path!r} must name a file; fix FENCE_LOCK_FILE or --lock-file"

@@ -65,7 +65,6 @@ STDLIB = (
 HELP_FLAGS = ("-?", "--help", "--describe-config", "-V", "--version")
 PRE_18_VOLUME = "/var/lib/postgresql/data"
 VOLUME_18 = "/var/lib/postgresql"
-LOCK_NAME = "fence_lock"
 FRESH_SUBDIRECTORY = "pgdata"
 
 
@@ -77,10 +76,12 @@ class Layout(NamedTuple):
 
 def layout(env: Mapping[str, str]) -> Layout:
     """The official image's layout for its PG_MAJOR (13-17 when it is not a number)."""
+    from pgfence.config import default_lock_file
+
     major = env.get("PG_MAJOR", "")
     if major.isdigit() and int(major) >= 18:
-        return Layout(VOLUME_18, f"{VOLUME_18}/{int(major)}/docker", f"{VOLUME_18}/{LOCK_NAME}")
-    return Layout(PRE_18_VOLUME, PRE_18_VOLUME, f"{PRE_18_VOLUME}/{LOCK_NAME}")
+        return Layout(VOLUME_18, f"{VOLUME_18}/{int(major)}/docker", default_lock_file(env))
+    return Layout(PRE_18_VOLUME, PRE_18_VOLUME, default_lock_file(env))
 
 
 def missing_stdlib() -> str | None:

@@ -223,18 +223,8 @@ def test_negative_control_the_plain_image_starts_a_second_server(images, names) 
     assert dp.started_postgres(d.logs(second))
 
 
-SHIM_LOCK_OFF_THE_VOLUME = pytest.mark.xfail(
-    strict=True,
-    reason="examples/shim/Dockerfile sets FENCE_LOCK_FILE=/var/lib/postgresql/fence_lock, off "
-    "the 13-17 volume at /var/lib/postgresql/data: the shim exits 64 (remove this mark once "
-    "the shim image picks the lock per layout as docker/Dockerfile does)",
-)
-
-
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize(
-    "major", [pytest.param(m, marks=SHIM_LOCK_OFF_THE_VOLUME) if m != "18" else m for m in MAJORS]
-)
+@pytest.mark.parametrize("major", MAJORS)
 def test_shim_image_default_usage_one_server(images, names, major: str) -> None:
     """examples/shim/Dockerfile (the zipapp copied to /newbin/postgres), default usage.
     Its fence covers only the final `exec postgres`: the second container starts after the
