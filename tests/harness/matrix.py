@@ -101,6 +101,8 @@ def run_row(src: str, row: Row, work: str, keep: bool) -> Outcome:
 # takeover paths, the acquiring write killed just after it (before the generation is
 # recorded), and a renewal's rename delayed past the takeover wait in both modes.
 LOCK_CHANGES = ("rename(tmp→lock", "link(tmp→lock", "unlink(lock", "rename(tmp→.gen")
+# Every call that changes the lock's directory or makes a change durable (--changes).
+CHANGES = ("link(", "rename(", "unlink(", "fsync(", "fdatasync(")
 QUICK = {
     "holder-release": (LOCK_CHANGES, FAULTS),
     "operator-release": (LOCK_CHANGES, FAULTS),

@@ -139,10 +139,12 @@ class LosingProxy:
             threading.Thread(target=self._down, args=(server, client, state), daemon=True).start()
 
     def _up(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
+        request = b""  # the request so far: its headers and body may come in two reads
         try:
             while data := src.recv(65536):
+                request = data if data.startswith(b"POST ") else request + data
                 with self._lock:
-                    if self._armed and b"/v3/kv/txn" in data and b"request_put" in data:
+                    if self._armed and b"/v3/kv/txn" in request and b"request_put" in request:
                         self._armed, state["lose"] = False, True
                 dst.sendall(data)
         except OSError:
