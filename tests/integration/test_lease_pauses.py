@@ -47,12 +47,12 @@ def test_acquisition_stalled_past_the_deadline_never_starts_the_command(
     procs: Registry, shared_dir: str, lock_path: str
 ) -> None:
     """The write that marks the new generation as won (strace delays its rename(2), the
-    second: the first reserved it) stalls longer than the fence deadline right after the
-    lock was taken: the lease may already be lost, so pgfence must not start the command
-    at all (not start it and kill it a moment later), exit 75, and leave the lock as it
-    is."""
+    third: the first two reserved it, in both copies of the generation file) stalls
+    longer than the fence deadline right after the lock was taken: the lease may already
+    be lost, so pgfence must not start the command at all (not start it and kill it a
+    moment later), exit 75, and leave the lock as it is."""
     log = os.path.join(shared_dir, "intervals.log")
-    delayed = strace_delay(1.5 * DEADLINE, occurrence=2)
+    delayed = strace_delay(1.5 * DEADLINE, occurrence=3)
     stalled = Contender(procs, shared_dir, lock_path, log, 0, prefix=delayed)
     assert stalled.proc.wait(30) == 75
     assert events(stalled.stderr, "acquired")
@@ -70,7 +70,7 @@ def test_contender_paused_before_its_rename_does_not_start_over_a_newer_holder(
     procs: Registry, shared_dir: str, lock_path: str
 ) -> None:
     """A contender paused between its last check and its rename (strace delays that one
-    rename(2), the second: the first reserved the generation, by longer than its claim
+    rename(2), the third: the first two reserved the generation, by longer than its claim
     limit). Another contender meanwhile calls the claim
     abandoned, takes the lease over and starts its child; then the late rename lands over
     its lease. The late contender must not start its child until the overtaken holder,
@@ -82,7 +82,7 @@ def test_contender_paused_before_its_rename_does_not_start_over_a_newer_holder(
     write_atomically(lock_path, foreign_record(None, "dead-holder"))
     # Long enough for the other contender to wait out the lease, then the claim.
     delay = 3 * TAKEOVER_WAIT + 1
-    late = Contender(procs, shared_dir, lock_path, log, 0, prefix=strace_delay(delay, 2))
+    late = Contender(procs, shared_dir, lock_path, log, 0, prefix=strace_delay(delay, 3))
     claim = f"{lock_path}.takeover-2-1"
     wait_for(lambda: os.path.exists(claim), 30, "the late contender's claim", 0.01)
     other = Contender(procs, shared_dir, lock_path, log, 1)  # finds that claim busy
