@@ -111,7 +111,12 @@ def test_shim_fences_the_server_the_entrypoint_execs(
     # One acquisition in all: initdb and the temporary server did not pass the shim.
     assert held["generation"] == "1" and generation(vol.lock) == "1"
     visible = sorted(n for n in os.listdir(root) if not n.startswith("."))  # not heartbeat temps
-    assert visible == ["fence_lock", "fence_lock.generation", "pgdata"]
+    assert visible == [
+        "fence_lock",
+        "fence_lock.generation",
+        "fence_lock.generation.mirror",
+        "pgdata",
+    ]
 
     # Commands that start no server pass through the shim while another container
     # holds the lock (the official entrypoint runs some before any server starts).
