@@ -92,7 +92,7 @@ def run(
             device=dog.device,
             timeout=dog.timeout,
         )
-    if timings.deadline is not None and clock.now() - hold.acquired_clock > timings.deadline:
+    if clock.now() - hold.acquired_clock > timings.deadline:
         # Paused (or stalled on storage) after the acquiring write started: as after any
         # pause past the deadline, the lease may be someone else's by now. Never start
         # the command on it, and leave the lock as it is (a free lock could be taken
@@ -141,13 +141,11 @@ def run(
     killed_leftovers = False
     next_report = clock.now() + REPORT_EVERY
     while True:
-        timeout = 0.1 if draining_since is not None else 1.0
-        if timings.deadline is not None:
-            # sigtimedwait's timeout runs on CLOCK_MONOTONIC, which stands still while the
-            # machine is suspended: wake often, so that after a resume the deadline check
-            # (on CLOCK_BOOTTIME) comes within 0.25 s, not within the rest of a long wait.
-            # (0.1 s would cost an idle holder 0.2% of a core; 0.25 s costs under 0.1%.)
-            timeout = min(0.25, renewer.last_success + timings.deadline - clock.now())
+        # sigtimedwait's timeout runs on CLOCK_MONOTONIC, which stands still while the
+        # machine is suspended: wake often, so that after a resume the deadline check
+        # (on CLOCK_BOOTTIME) comes within 0.25 s, not within the rest of a long wait.
+        # (0.1 s would cost an idle holder 0.2% of a core; 0.25 s costs under 0.1%.)
+        timeout = min(0.25, renewer.last_success + timings.deadline - clock.now())
         signum = next_signal(timeout)
 
         # The fence first: after a pause of any length this is the first thing we do.
@@ -224,8 +222,6 @@ def run(
 
 
 def _deadline_passed(renewer: Renewer, timings: Timings) -> str | None:
-    if timings.deadline is None:
-        return None
     silent = clock.now() - renewer.last_success
     if silent <= timings.deadline:
         return None
@@ -303,8 +299,7 @@ class Renewer(threading.Thread):
         self.lost: str | None = None
 
     def in_time(self) -> bool:
-        deadline = self._timings.deadline
-        return deadline is None or clock.now() - self.last_success < deadline
+        return clock.now() - self.last_success < self._timings.deadline
 
     def stop(self, wait: bool = True) -> None:
         self._stopping.set()
