@@ -33,8 +33,8 @@ REMEDIES = {
 }
 HOLDER_REMEDY = (
     "give `status`, `check` and `release` (cli.py) a sleep function that imports "
-    "pgfence.holder on its first call instead of importing `holder.interruptible_sleep` up "
-    "front: a check of a holder on the same machine never sleeps, and holder.py pulls in "
+    "pgfence.runloop on its first call instead of importing `holder.interruptible_sleep` up "
+    "front: a check of a holder on the same machine never sleeps, and runloop.py pulls in "
     "signal (with enum), threading, supervisor, linux (ctypes) and metrics"
 )
 RATIO = "`run` start-up at most 3x the bare interpreter"
@@ -214,12 +214,12 @@ def _startup(sections: Result) -> list[Verdict]:
             "(fork/exec) and a renewer thread."
         )
     if not checked.met:
-        holder = imports.cumulative("check", "pgfence.holder")
+        holder = imports.cumulative("check", "pgfence.runloop")
         checked.why = (
             f"`check` takes {_ms(check)}; its imports add {_ms(imports.added('check'), 1)} "
             f"beyond the interpreter's: {imports.describe('check')}"
             + (
-                f"; pgfence.holder ({_ms(holder, 1)}) is imported only for "
+                f"; pgfence.runloop ({_ms(holder, 1)}) is imported only for "
                 "`interruptible_sleep`, which a check of a holder on this machine never "
                 "calls."
                 if holder
@@ -254,12 +254,12 @@ def findings(sections: Result) -> list[str]:
                 "that much on every such call; the official image's entrypoint makes them "
                 "(`postgres -C ...`) before each server start."
             )
-        holder = imports.cumulative("check", "pgfence.holder")
+        holder = imports.cumulative("check", "pgfence.runloop")
         check = median(samples["check (image launcher)"])
         if holder >= 0.001:
             found.append(
                 f"`check` ({_ms(check)}; the images' HEALTHCHECK runs it every 10 s) "
-                f"spends {_ms(holder, 1)} importing pgfence.holder, only for "
+                f"spends {_ms(holder, 1)} importing pgfence.runloop, only for "
                 f"`interruptible_sleep`. Remedy: {HOLDER_REMEDY}."
             )
     return found
@@ -387,15 +387,15 @@ def _contention(sections: Result) -> list[Verdict]:
         "for any Python process on this machine"
         + (f"; 2 contenders show one host's latency ({_ms(two)})." if two else ".")
     )
-    holder = imports.cumulative("run", "pgfence.holder") if imports else 0.0
+    holder = imports.cumulative("run", "pgfence.runloop") if imports else 0.0
     signal = imports.cumulative("run", "signal") if imports else 0.0
     close = (
         "Cheaper start-up shrinks both roughly in proportion (see start-up)"
         + (
             "; losers could exit a little sooner if `cli._run` imported what only a winner "
-            "needs (pgfence.holder with threading and metrics, and supervisor's ctypes) "
+            "needs (pgfence.runloop with threading and metrics, and supervisor's ctypes) "
             f"after `acquire` succeeded: about {_ms(holder - signal, 1)} of the "
-            f"{_ms(holder, 1)} that pgfence.holder costs (signal is needed before acquiring, "
+            f"{_ms(holder, 1)} that pgfence.runloop costs (signal is needed before acquiring, "
             "to block the handled signals)"
             if holder > signal
             else ""

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pgfence import config, fsverdict, verifyfs
+from pgfence import config
 from pgfence.metrics import Metrics
+from pgfence.verifyfs import command as verifyfs
+from pgfence.verifyfs import verdict as fsverdict
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()

@@ -16,10 +16,10 @@ from typing import Any, Callable
 import pytest
 
 from pgfence import clock
-from pgfence.backends import etcd_client as ec
-from pgfence.backends import etcd_hold
-from pgfence.backends.etcd_config import open_client, parse_endpoints, request_timeouts
-from pgfence.backends.etcd_hold import EtcdHold, FenceKey
+from pgfence.backends.etcd import client as ec
+from pgfence.backends.etcd import hold as etcd_hold
+from pgfence.backends.etcd.config import open_client, parse_endpoints, request_timeouts
+from pgfence.backends.etcd.hold import EtcdHold, FenceKey
 from pgfence.config import resolve
 from pgfence.errors import LockLost, StorageError, UsageError
 from pgfence.record import LockRecord

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pgfence.backends.file import FileBackend
+from pgfence.backends.file.backend import FileBackend
+from pgfence.backends.file.lockfile import LockFile, NotDurable
 from pgfence.errors import StorageError
-from pgfence.lockfile import LockFile, NotDurable
 from pgfence.timings import Timings
 
 

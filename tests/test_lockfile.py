@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from harness.fence import path_state, write_file
+from pgfence.backends.file.lockfile import LockFile, Snapshot
 from pgfence.errors import LockFormatError, StorageError
-from pgfence.lockfile import LockFile, Snapshot
 from pgfence.record import MAX_LOCK_BYTES
 
 INSTANCE = "00112233aabbccdd"

@@ -279,7 +279,7 @@ def test_build_context_keeps_what_the_image_copies(path: Path) -> None:
     assert sent, "nothing would be sent to the build"
     assert all(p.startswith(("src/pgfence/", "docker/pgfence")) for p in sent), sent[:5]
     assert not [p for p in sent if "__pycache__" in p or p.endswith(".pyc")]
-    for source in ("src/pgfence/cli.py", "src/pgfence/backends/file.py", "docker/pgfence"):
+    for source in ("src/pgfence/cli.py", "src/pgfence/backends/file/backend.py", "docker/pgfence"):
         assert source in sent
 
 

@@ -19,9 +19,9 @@ import pytest
 
 from pgfence import clock
 from pgfence.backends.base import fresh_record
-from pgfence.backends.file import FileBackend
+from pgfence.backends.file.backend import FileBackend
+from pgfence.backends.file.lockfile import LockFile
 from pgfence.errors import FencedOut
-from pgfence.lockfile import LockFile
 from pgfence.record import LegacyLock, LockRecord, parse
 from pgfence.timings import Timings
 

@@ -39,7 +39,7 @@ def test_no_thread_is_started_but_through_start_thread() -> None:
     handles no signal, is the one exception)."""
     offenders = []
     for path in SRC.rglob("*.py"):
-        if path.name in ("signals.py", "fsprobe.py", "verifyfs.py"):
+        if path.name == "signals.py" or path.parent.name == "verifyfs":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"\.start\(\)", line):

@@ -21,8 +21,9 @@ import pytest
 
 from conftest import PGFENCE
 from harness.procs import Registry
-from pgfence import fsverdict, verifyfs
 from pgfence.errors import EXIT_STORAGE, EXIT_USAGE, PgfenceError, StorageError, UsageError
+from pgfence.verifyfs import command as verifyfs
+from pgfence.verifyfs import verdict as fsverdict
 
 DURATION = "2"
 # The safe runs must not hinge on scheduling: a shared 2-core machine may stall a prober
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.timeout(120)
 # atomic exclusive create, as seen by the verifier.
 BROKEN = """
 import sys
-from pgfence import fsprobe
+from pgfence.verifyfs import probe as fsprobe
 from pgfence.cli import main
 real = fsprobe.Files.create
 def create(self, name, data, use_link):

@@ -100,7 +100,7 @@ def test_build_is_small_reproducible_and_sources_only(pyz: Path, tmp_path: Path)
     with zipfile.ZipFile(pyz) as archive:
         names = archive.namelist()
     assert "__main__.py" in names
-    assert "pgfence/cli.py" in names and "pgfence/verifyfs.py" in names
+    assert "pgfence/cli.py" in names and "pgfence/verifyfs/command.py" in names
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
     # A copy of the pyz elsewhere on PATH is recognised as pgfence, never run as postgres.
     assert shim._is_pgfence(str(pyz))
@@ -333,7 +333,7 @@ def test_runs_on_the_oldest_supported_python(pyz: Path, tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "holder:      py39  (this token)" in run.stdout
-    importer = "import pgfence.cli, pgfence.verifyfs, pgfence.backends.etcd"
+    importer = "import pgfence.cli, pgfence.verifyfs.command, pgfence.backends.etcd.backend"
     imported = subprocess.run(
         [python, "-c", f"import sys; sys.path.insert(0, {str(pyz)!r}); {importer}"],
         capture_output=True,

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command not in COMMANDS:
         return _guard(lambda: _fail(_unknown_command(command)))
     if command == "verify-fs":
-        from pgfence import verifyfs
+        from pgfence.verifyfs import command as verifyfs
 
         return _guard(lambda: verifyfs.main(args[1:], print))
     if command == "export-shim":
@@ -145,17 +145,17 @@ def _backend(settings: Settings) -> Backend:
 
 
 def _run(settings: Settings, command: list[str]) -> int:
-    from pgfence import holder, supervisor
+    from pgfence import runloop, supervisor
     from pgfence.datadir import check_same_filesystem, data_directory
     from pgfence.flush import filesystems, flush_bound
     from pgfence.guardian import Guardian
     from pgfence.metrics import Metrics, serve
 
     backend = _backend(settings)
-    nested = os.environ.get(holder.INSTANCE_ENV)
+    nested = os.environ.get(runloop.INSTANCE_ENV)
     if (
         nested
-        and os.environ.get(holder.LOCK_ENV) == backend.location()
+        and os.environ.get(runloop.LOCK_ENV) == backend.location()
         and backend.held_by_instance(nested)
     ):
         # A pgfence further up this process tree holds the fence and supervises us
@@ -190,7 +190,7 @@ def _run(settings: Settings, command: list[str]) -> int:
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
     try:
-        status = holder.run(
+        status = runloop.run(
             backend,
             settings.timings,
             command,
@@ -209,7 +209,7 @@ def _run(settings: Settings, command: list[str]) -> int:
             guardian.done()
         raise
     if guardian:
-        guardian.done()  # every return of holder.run comes after the tree is gone
+        guardian.done()  # every return of runloop.run comes after the tree is gone
     return status
 
 

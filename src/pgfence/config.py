@@ -12,8 +12,8 @@ import os
 from collections.abc import Mapping, Sequence
 
 from pgfence.errors import UsageError
+from pgfence.frozen import Struct
 from pgfence.record import token_problem
-from pgfence.struct import Struct
 from pgfence.timings import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_TTL, MIN_TTL, Timings
 
 DEFAULT_LOCK_FILE = "/var/lib/postgresql/data/fence_lock"
@@ -393,7 +393,7 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     interval = seconds("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL, 0.1)
     assert ttl is not None and interval is not None
     if mode == "lease" and backend == "etcd" and lock_delay is None:
-        # A key can vanish under a live holder (see backends/etcd.py): the lock
+        # A key can vanish under a live holder (see backends/etcd/backend.py): the lock
         # delay must outlast the holder's fence deadline, TTL/2, by a renewal.
         lock_delay = ttl / 2 + ttl / 6
     timings = Timings.lease(ttl, lock_delay) if mode == "lease" else Timings.strict(interval)

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 
 from pgfence import clock, signals
-from pgfence.struct import Struct
+from pgfence.frozen import Struct
 from pgfence.timings import Timings
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -164,20 +164,20 @@ def _under_the_fence(settings: Settings, env: Mapping[str, str]) -> bool:
     """True when the pgfence that started us holds the fence these settings name (the
     same test as a nested `pgfence run`). An environment that names a fence we are not
     under is refused rather than trusted or fenced twice."""
-    from pgfence import holder
+    from pgfence import runloop
     from pgfence.backends import open_backend
     from pgfence.errors import UsageError
     from pgfence.record import new_instance_id
 
-    instance = env.get(holder.INSTANCE_ENV)
+    instance = env.get(runloop.INSTANCE_ENV)
     if not instance:
         return False
     backend = open_backend(settings, new_instance_id())
-    if env.get(holder.LOCK_ENV) == backend.location() and backend.held_by_instance(instance):
+    if env.get(runloop.LOCK_ENV) == backend.location() and backend.held_by_instance(instance):
         return True
     raise UsageError(
-        f"{holder.INSTANCE_ENV}={instance} names a fence that does not hold "
-        f"{backend.location()}; do not set {holder.INSTANCE_ENV} or {holder.LOCK_ENV}"
+        f"{runloop.INSTANCE_ENV}={instance} names a fence that does not hold "
+        f"{backend.location()}; do not set {runloop.INSTANCE_ENV} or {runloop.LOCK_ENV}"
     )
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 
 from pgfence.errors import LockFormatError
-from pgfence.struct import Struct
+from pgfence.frozen import Struct
 
 MAGIC = "pgfence-lock 1"
 MAGIC_PREFIX = "pgfence-lock "

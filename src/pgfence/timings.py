@@ -32,8 +32,8 @@ taken at once (the script's contract), another token's never.
 
 from __future__ import annotations
 
+from pgfence.frozen import Struct
 from pgfence.record import LockRecord
-from pgfence.struct import Struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

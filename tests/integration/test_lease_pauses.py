@@ -4,8 +4,8 @@ A contender can be paused (or stalled on storage) between its last check and its
 or right after taking the lock; a claimer can stall past its limit. These tests put the
 pause exactly there, with strace delaying one system call, or drive the claim files
 directly, and check that no two holders ever run at once (found while writing the many
-contenders round of test_lease_faults, and fixed in lockfile.py, backends/file.py and
-holder.py).
+contenders round of test_lease_faults, and fixed in backends/file/lockfile.py,
+backends/file/backend.py and runloop.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from harness.contenders import Contender, child_intervals, overlaps, record_stop
 from harness.faults import foreign_record, write_atomically
 from harness.lease import DEADLINE, TAKEOVER_WAIT, events, read_lock, wait_for
 from harness.procs import Registry, alive
-from pgfence.lockfile import LockFile
+from pgfence.backends.file.lockfile import LockFile
 from pgfence.record import LockRecord, parse
 from pgfence.timings import Timings, claim_limit
 

@@ -13,10 +13,10 @@ def open_backend(settings: Settings, instance: str) -> Backend:
     """The configured backend. Each is imported only when chosen: the etcd backend's
     imports (ssl, http.client) cost start-up time the file backend does not need."""
     if settings.backend == "etcd":
-        from pgfence.backends.etcd import EtcdBackend  # type: ignore[import-not-found,unused-ignore]
+        from pgfence.backends.etcd.backend import EtcdBackend  # type: ignore[import-not-found,unused-ignore]
 
         return EtcdBackend.from_settings(settings, instance)  # type: ignore[no-any-return,unused-ignore]
-    from pgfence.backends.file import FileBackend
+    from pgfence.backends.file.backend import FileBackend
 
     return FileBackend(
         settings.lock_file, settings.token, instance, settings.timings, settings.wait

@@ -11,11 +11,11 @@ from abc import ABC, abstractmethod
 
 from pgfence import clock, log
 from pgfence.errors import FencedOut
+from pgfence.frozen import Struct
 from pgfence.record import LockRecord
-from pgfence.struct import Struct
 from pgfence.timings import Timings, stale_after, takeover_silence
 
-TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see struct.py)
+TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see frozen.py)
 if TYPE_CHECKING:
     from collections.abc import Callable
 

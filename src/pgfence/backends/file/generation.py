@@ -17,12 +17,12 @@ next free number and rewrites its fresh lock before it starts anything.
 from __future__ import annotations
 
 from pgfence import clock
-from pgfence.lockfile import LockFile
+from pgfence.backends.file.lockfile import LockFile
 from pgfence.record import generation_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from pgfence.backends.file import FileHold
+    from pgfence.backends.file.backend import FileHold
     from pgfence.record import Holder
 
 

@@ -2,7 +2,7 @@
 
 Start it at the same time on two or more machines that mount DIR the way PostgreSQL's volume
 is mounted (same export, same mount options). The participants find each other through files
-in `DIR/pgfence-verify.<session>/` only, hammer it for `--duration` seconds (see fsprobe.py
+in `DIR/pgfence-verify.<session>/` only, hammer it for `--duration` seconds (see probe.py
 for the workload), then each reads everyone's findings and prints the same verdict:
 
     SAFE          (exit 0) no overlap, no lost update, no torn or backwards read, and the
@@ -29,8 +29,8 @@ from typing import Any, Callable
 from pgfence import clock, log
 from pgfence.config import Option, parse_options
 from pgfence.errors import StorageError, UsageError, storage_error
-from pgfence.fsprobe import Files, Findings, Hammer, Prober
-from pgfence.fsverdict import EXIT_CODES, INCONCLUSIVE, judge, render
+from pgfence.verifyfs.probe import Files, Findings, Hammer, Prober
+from pgfence.verifyfs.verdict import EXIT_CODES, INCONCLUSIVE, judge, render
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

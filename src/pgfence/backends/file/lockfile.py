@@ -27,8 +27,8 @@ import os
 import stat
 
 from pgfence.errors import LockFormatError, StorageError, storage_error
+from pgfence.frozen import Struct
 from pgfence.record import MAX_LOCK_BYTES
-from pgfence.struct import Struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ import time
 
 from pgfence import clock, log
 from pgfence.backends.base import Hold
-from pgfence.backends.etcd_client import (
+from pgfence.backends.etcd.client import (
     EtcdClient,
     EtcdNoSpace,
     EtcdUnavailable,
@@ -34,7 +34,7 @@ from pgfence.backends.etcd_client import (
     b64,
     first_kv,
 )
-from pgfence.backends.etcd_config import request_timeouts
+from pgfence.backends.etcd.config import request_timeouts
 from pgfence.errors import LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LegacyLock, LockRecord, parse
 from pgfence.timings import Timings

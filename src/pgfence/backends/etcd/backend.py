@@ -19,7 +19,7 @@ holder still runs: a lease revoked by a stuck etcd leader (etcd#15247), `etcdctl
 `release --force`. That holder notices at its next renewal, and fences at the latest at
 its deadline, TTL/2 after its last successful renewal; a contender may never have seen
 it. So a contender creates the key only after it has seen it absent, without a break, for
-the lock delay, which is at least TTL/2 + TTL/6 (etcd_config.py), and at least that of a
+the lock delay, which is at least TTL/2 + TTL/6 (etcd/config.py), and at least that of a
 holder it saw, even on its first look. Then it creates the key in a transaction (create
 revision 0 -> put): of many contenders exactly one succeeds.
 
@@ -34,9 +34,9 @@ between backends. Without that directory (FENCE_LOCK_FILE's) it is the bare revi
 with a warning.
 
 Renewal (every TTL/6) is a lease keep-alive, then a transaction that checks the key
-(etcd_hold.py); both must succeed, at one raft term. The transaction needs a quorum, so a
+(etcd/hold.py); both must succeed, at one raft term. The transaction needs a quorum, so a
 renewal never succeeds through a member cut off from the majority. The holder fences on
-its own clock, TTL/2 after the start of its last successful renewal (`holder.py`); the
+its own clock, TTL/2 after the start of its last successful renewal (`runloop.py`); the
 lease cannot expire before ceil(TTL) after that keep-alive reached the leader (a new
 leader restarts every lease's full TTL, so leader changes only lengthen it), and a
 contender then waits lock-delay more: the margin is at least TTL/2 + lock-delay.
@@ -64,10 +64,10 @@ from pgfence.backends.base import (
     watch,
     watch_progress,
 )
-from pgfence.backends.etcd_client import EtcdClient, KeyValue, first_kv
-from pgfence.backends.etcd_config import minimum_lock_delay, open_client
-from pgfence.backends.etcd_hold import EtcdHold, FenceKey, compare, delete, get, put
-from pgfence.backends.generation_mark import GenerationMark
+from pgfence.backends.etcd.client import EtcdClient, KeyValue, first_kv
+from pgfence.backends.etcd.config import minimum_lock_delay, open_client
+from pgfence.backends.etcd.generation_mark import GenerationMark
+from pgfence.backends.etcd.hold import EtcdHold, FenceKey, compare, delete, get, put
 from pgfence.errors import FencedOut, LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LockRecord
 from pgfence.timings import Timings

@@ -38,9 +38,9 @@ from pgfence.backends.base import (
     watch,
     watch_progress,
 )
-from pgfence.backends.file_generation import confirm_generation, reserve_generation
+from pgfence.backends.file.generation import confirm_generation, reserve_generation
+from pgfence.backends.file.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.errors import FencedOut, LockFormatError, LockLost
-from pgfence.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.record import LegacyLock, LockRecord, generation_of, parse
 from pgfence.timings import Timings, claim_abandoned_after, claim_limit, takeover_silence
 

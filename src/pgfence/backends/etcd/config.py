@@ -19,7 +19,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Callable, Generic, TypeVar, Union
 
 from pgfence import log
-from pgfence.backends.etcd_client import Endpoint, EtcdClient
+from pgfence.backends.etcd.client import Endpoint, EtcdClient
 from pgfence.errors import UsageError
 from pgfence.timings import Timings
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from pgfence import log
-from pgfence.lockfile import LockFile
+from pgfence.backends.file.lockfile import LockFile
 
 
 class GenerationMark:
