@@ -142,6 +142,11 @@ def lock_generations(run: Run, started: set[str]) -> str:
             continue
         if holders and holders[-1][0] == instance:
             holders[-1] = (instance, max(holders[-1][1], generation))
+        elif any(instance == earlier for earlier, _ in holders):
+            # An earlier holder's late write over a newer lock (README, "Not protected":
+            # a pause between its final check and the rename). It hands out no new
+            # token and starts nothing; `respected` and `one` judge the overwrite.
+            continue
         else:
             holders.append((instance, generation))
     for i, (_, generation) in enumerate(holders[1:], 1):
