@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pgfence import config
+from pgfence import config, environment
 from pgfence.metrics import Metrics
 from pgfence.verifyfs import command as verifyfs
 from pgfence.verifyfs import verdict as fsverdict
@@ -61,6 +61,21 @@ def test_docs_name_no_variable_that_does_not_exist() -> None:
     documented = set(re.findall(r"`((?:PG)?FENCE_[A-Z_]+)`", CONFIGURATION + OPERATIONS + INSTALL))
     unknown = sorted(n for n in documented if f'"{n}"' not in SOURCES)
     assert not unknown, f"documented but unknown to the code: {unknown}"
+
+
+def test_the_commands_variables_are_exactly_environment_py_s() -> None:
+    """The table of what `run` gives its command lists every variable environment.py
+    gives it, with its backends, and no other."""
+    section = CONFIGURATION.split("## Variables pgfence sets for the command it runs")[1]
+    rows = table_rows(section.split("\n## ")[0])[1:]  # below the header row
+    documented = [(cells(r)[0].strip("`"), cells(r)[1]) for r in rows]
+
+    def backends(names: tuple[str, ...]) -> str:
+        return "both" if set(names) == {"file", "etcd"} else "/".join(names)
+
+    given = [(v.name, backends(v.backends)) for v in environment.FENCE if v.child]
+    given += [(v.name, backends(v.backends)) for v in environment.HELD]
+    assert documented == given
 
 
 def test_verify_fs_options_are_documented() -> None:

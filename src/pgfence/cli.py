@@ -147,17 +147,14 @@ def _backend(settings: Settings) -> Backend:
 def _run(settings: Settings, command: list[str]) -> int:
     from pgfence import runloop, supervisor
     from pgfence.datadir import check_same_filesystem, data_directory
+    from pgfence.environment import fence_environment, supervising_instance
     from pgfence.flush import filesystems, flush_bound
     from pgfence.guardian import Guardian
     from pgfence.metrics import Metrics, serve
 
     backend = _backend(settings)
-    nested = os.environ.get(runloop.INSTANCE_ENV)
-    if (
-        nested
-        and os.environ.get(runloop.LOCK_ENV) == backend.location()
-        and backend.held_by_instance(nested)
-    ):
+    nested = supervising_instance(backend, os.environ)
+    if nested:
         # A pgfence further up this process tree holds the fence and supervises us
         # (wrapper around the entrypoint plus the postgres shim): run the command as is.
         log.event(
@@ -241,33 +238,6 @@ def _noted_here(backend: Backend) -> Backend:
     from pgfence.localholder import Recorded
 
     return Recorded(backend, os.environ)
-
-
-def fence_environment(settings: Settings) -> dict[str, str]:
-    """The FENCE_* settings that name this fence, for the supervised command.
-
-    A pgfence that the command starts (the `postgres` shim under a wrapped entrypoint,
-    configured from the environment only) then names the very fence we hold, also when
-    ours came from flags, and recognises it as its supervisor's instead of refusing.
-    """
-    env = {"FENCE_VARIABLE": settings.token, "FENCE_BACKEND": settings.backend}
-    if settings.backend == "file":
-        env["FENCE_LOCK_FILE"] = settings.lock_file
-        return env
-    etcd = settings.etcd
-    optional = {
-        "FENCE_ETCD_ENDPOINTS": etcd.endpoints,
-        "FENCE_ETCD_KEY": etcd.key,
-        "FENCE_ETCD_USER": etcd.user,
-        "FENCE_ETCD_PASSWORD_FILE": etcd.password_file,
-        "FENCE_ETCD_CA_FILE": etcd.ca_file,
-        "FENCE_ETCD_CERT_FILE": etcd.cert_file,
-        "FENCE_ETCD_KEY_FILE": etcd.key_file,
-    }
-    env.update({name: value for name, value in optional.items() if value})
-    if etcd.allow_insecure:
-        env["FENCE_ETCD_ALLOW_INSECURE"] = "1"
-    return env
 
 
 def _exec(command: list[str]) -> int:

@@ -2,7 +2,8 @@
 
 Every option has a flag and (mostly) an environment variable; a flag beats the
 environment, which beats the default. Values are checked here, once, with messages that
-name where the bad value came from.
+name where the bad value came from. The variables that name the fence (token, backend,
+lock file, etcd) are defined in environment.py, which also gives them to the command.
 """
 
 from __future__ import annotations
@@ -11,10 +12,21 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
+from pgfence.environment import (
+    ETCD_SETTINGS,
+    MILLISECONDS,
+    SWITCH,
+    FenceVariable,
+    fence_variable,
+)
 from pgfence.errors import UsageError
 from pgfence.frozen import Struct
 from pgfence.record import token_problem
 from pgfence.timings import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_TTL, MIN_TTL, Timings
+
+TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see frozen.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_LOCK_FILE = "/var/lib/postgresql/data/fence_lock"
 # The official images from 18 on mount their volume at /var/lib/postgresql, PGDATA below
@@ -45,14 +57,14 @@ COMMON = (
     Option(
         "--lock-file",
         "lock_file",
-        "FENCE_LOCK_FILE",
+        fence_variable("lock_file"),
         "PATH",
         f"lock file on the data volume (default {DEFAULT_LOCK_FILE})",
     ),
     Option(
         "--token",
         "token",
-        "FENCE_VARIABLE",
+        fence_variable("token"),
         "TOKEN",
         "this holder's token (default $HOSTNAME, else the kernel hostname)",
     ),
@@ -68,64 +80,64 @@ BACKEND = (
     Option(
         "--backend",
         "backend",
-        "FENCE_BACKEND",
+        fence_variable("backend"),
         "file|etcd",
         "where the fence lives: a lock file (default) or an etcd key",
     ),
     Option(
         "--etcd-endpoints",
         "etcd_endpoints",
-        "FENCE_ETCD_ENDPOINTS",
+        fence_variable("etcd_endpoints"),
         "URL[,URL...]",
         "etcd client URLs, e.g. https://10.0.0.1:2379,https://10.0.0.2:2379",
     ),
     Option(
         "--etcd-key",
         "etcd_key",
-        "FENCE_ETCD_KEY",
+        fence_variable("etcd_key"),
         "KEY",
         "the etcd key holding this data directory's fence (one key per data directory)",
     ),
-    Option("--etcd-user", "etcd_user", "FENCE_ETCD_USER", "NAME", "etcd user name"),
+    Option("--etcd-user", "etcd_user", fence_variable("etcd_user"), "NAME", "etcd user name"),
     Option(
         "--etcd-password-file",
         "etcd_password_file",
-        "FENCE_ETCD_PASSWORD_FILE",
+        fence_variable("etcd_password_file"),
         "PATH",
         "file holding the etcd password (never given on the command line)",
     ),
     Option(
         "--etcd-ca-file",
         "etcd_ca_file",
-        "FENCE_ETCD_CA_FILE",
+        fence_variable("etcd_ca_file"),
         "PATH",
         "CA bundle to verify https endpoints",
     ),
     Option(
         "--etcd-cert-file",
         "etcd_cert_file",
-        "FENCE_ETCD_CERT_FILE",
+        fence_variable("etcd_cert_file"),
         "PATH",
         "client certificate for https endpoints",
     ),
     Option(
         "--etcd-key-file",
         "etcd_key_file",
-        "FENCE_ETCD_KEY_FILE",
+        fence_variable("etcd_key_file"),
         "PATH",
         "private key of the client certificate",
     ),
     Option(
         "--etcd-allow-insecure",
         "etcd_allow_insecure",
-        "FENCE_ETCD_ALLOW_INSECURE",
+        fence_variable("etcd_allow_insecure"),
         None,
         "allow plain http to an etcd endpoint that is not on loopback",
     ),
     Option(
         "--etcd-election-timeout",
         "etcd_election_timeout",
-        "FENCE_ETCD_ELECTION_TIMEOUT",
+        fence_variable("etcd_election_timeout"),
         "MS",
         "the etcd cluster's --election-timeout (default 1000, etcd's); sets the shortest TTL",
     ),
@@ -400,21 +412,19 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     drain_grace = seconds("drain_grace", DEFAULT_DRAIN_GRACE, 0.0)
     assert drain_grace is not None
     lock_file, _ = raw("lock_file")
+
+    def etcd(variable: FenceVariable) -> Any:
+        if variable.encoding == SWITCH:
+            return switch(variable.dest, False)
+        if variable.encoding == MILLISECONDS:
+            return _milliseconds(raw(variable.dest), 1000.0)  # etcd's default
+        return _optional_text(raw(variable.dest)[0])
+
     return Settings(
         token=_token(values, env),
         backend=backend,
         lock_file=_lock_file(lock_file, env),
-        etcd=EtcdSettings(
-            endpoints=_optional_text(raw("etcd_endpoints")[0]),
-            key=_optional_text(raw("etcd_key")[0]),
-            user=_optional_text(raw("etcd_user")[0]),
-            password_file=_optional_text(raw("etcd_password_file")[0]),
-            ca_file=_optional_text(raw("etcd_ca_file")[0]),
-            cert_file=_optional_text(raw("etcd_cert_file")[0]),
-            key_file=_optional_text(raw("etcd_key_file")[0]),
-            allow_insecure=switch("etcd_allow_insecure", False),
-            election_timeout=_milliseconds(raw("etcd_election_timeout"), 1000.0),
-        ),
+        etcd=EtcdSettings(**{v.field[len("etcd.") :]: etcd(v) for v in ETCD_SETTINGS}),
         log_format=choice("log_format", "text", ("text", "json")),
         timings=timings,
         wait=switch("wait", mode == "lease"),
@@ -442,10 +452,11 @@ def _milliseconds(raw: tuple[str | bool | None, str], default: float) -> float:
 
 
 def _token(values: Mapping[str, str | bool], env: Mapping[str, str]) -> str:
+    variable = fence_variable("token")
     if "token" in values:
         token, source = str(values["token"]), "--token"
-    elif "FENCE_VARIABLE" in env:
-        token, source = env["FENCE_VARIABLE"], "FENCE_VARIABLE"
+    elif variable in env:
+        token, source = env[variable], variable
     elif "HOSTNAME" in env:
         token, source = env["HOSTNAME"], "HOSTNAME"
     else:
@@ -453,7 +464,7 @@ def _token(values: Mapping[str, str | bool], env: Mapping[str, str]) -> str:
     problem = token_problem(token)
     if problem:
         raise UsageError(
-            f"the token from {source} {problem}; set FENCE_VARIABLE (or --token) to a "
+            f"the token from {source} {problem}; set {variable} (or --token) to a "
             "single-line name of this container"
         )
     return token

@@ -164,20 +164,20 @@ def _under_the_fence(settings: Settings, env: Mapping[str, str]) -> bool:
     """True when the pgfence that started us holds the fence these settings name (the
     same test as a nested `pgfence run`). An environment that names a fence we are not
     under is refused rather than trusted or fenced twice."""
-    from pgfence import runloop
     from pgfence.backends import open_backend
+    from pgfence.environment import INSTANCE, LOCK, supervising_instance
     from pgfence.errors import UsageError
     from pgfence.record import new_instance_id
 
-    instance = env.get(runloop.INSTANCE_ENV)
+    instance = env.get(INSTANCE)
     if not instance:
         return False
     backend = open_backend(settings, new_instance_id())
-    if env.get(runloop.LOCK_ENV) == backend.location() and backend.held_by_instance(instance):
+    if supervising_instance(backend, env):
         return True
     raise UsageError(
-        f"{runloop.INSTANCE_ENV}={instance} names a fence that does not hold "
-        f"{backend.location()}; do not set {runloop.INSTANCE_ENV} or {runloop.LOCK_ENV}"
+        f"{INSTANCE}={instance} names a fence that does not hold "
+        f"{backend.location()}; do not set {INSTANCE} or {LOCK}"
     )
 
 

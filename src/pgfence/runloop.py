@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 from pgfence import clock, log, signals
 from pgfence.backends.base import Backend, Hold
+from pgfence.environment import held_environment
 from pgfence.errors import (
     EXIT_SELF_FENCED,
     EXIT_UNFLUSHED,
@@ -39,13 +40,6 @@ from pgfence.signals import FORWARDED, next_signal
 from pgfence.supervisor import Supervisor
 from pgfence.timings import Timings
 from pgfence.watchdog import Watchdog
-
-# What the supervised command learns about the fence it runs under. A pgfence started
-# inside that command (the `postgres` shim under a wrapped entrypoint) recognises its
-# supervisor's fence from the last two and does not try to take it a second time.
-GENERATION_ENV = "PGFENCE_GENERATION"
-INSTANCE_ENV = "PGFENCE_INSTANCE"
-LOCK_ENV = "PGFENCE_LOCK"
 
 
 def interruptible_sleep(seconds: float) -> None:
@@ -112,14 +106,8 @@ def run(
             kill_seconds=0.0,
         )
         return EXIT_SELF_FENCED
-    env = {
-        **os.environ,
-        **(fence_env or {}),
-        **hold.child_environment(),
-        GENERATION_ENV: str(hold.generation),
-        INSTANCE_ENV: hold.instance,
-        LOCK_ENV: backend.location(),
-    }
+    # What the command learns about the fence it runs under (see environment.py).
+    env = {**os.environ, **(fence_env or {}), **held_environment(hold, backend.location())}
     renewer = Renewer(hold, timings, metrics, dog)
     try:
         supervisor = Supervisor(list(command), env, user, guardian)

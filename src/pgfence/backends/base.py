@@ -63,9 +63,10 @@ class Hold(ABC):
         deadline deletes nothing. False when the fence was left as it is."""
 
     @abstractmethod
-    def child_environment(self) -> dict[str, str]:
-        """Backend-specific variables for the supervised command (besides the common
-        PGFENCE_GENERATION, PGFENCE_INSTANCE and PGFENCE_LOCK)."""
+    def child_values(self) -> dict[str, str | int]:
+        """What this backend tells the supervised command about the hold, besides the
+        generation, instance and location, by value name (environment.HELD names the
+        variable each goes into, and how it is written)."""
 
 
 class Backend(ABC):

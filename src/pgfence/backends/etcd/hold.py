@@ -345,8 +345,5 @@ class EtcdHold(Hold):
             self._fence.revoke_quietly(self.lease)
             return ok
 
-    def child_environment(self) -> dict[str, str]:
-        return {
-            "PGFENCE_ETCD_KEY": self._key.decode("utf-8", "surrogateescape"),
-            "PGFENCE_ETCD_LEASE": f"{self.lease:x}",  # hex, as etcdctl prints and reads it
-        }
+    def child_values(self) -> dict[str, str | int]:
+        return {"etcd_key": self._key.decode("utf-8", "surrogateescape"), "etcd_lease": self.lease}

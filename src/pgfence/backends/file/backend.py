@@ -106,8 +106,8 @@ class FileHold(Hold):
             self._record, self._written = record, Snapshot(record.encode())
             self.generation = generation
 
-    def child_environment(self) -> dict[str, str]:
-        return {"PGFENCE_LOCK_FILE": self._lockfile.path}
+    def child_values(self) -> dict[str, str | int]:
+        return {"lock_file": self._lockfile.path}
 
 
 class FileBackend(Backend):
