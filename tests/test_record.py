@@ -109,13 +109,6 @@ def test_next_beat_moves_only_the_heartbeat() -> None:
     assert parse(beat.encode(), "lock") == beat
 
 
-def test_silence_required() -> None:
-    # Twice a strict holder's self-fence deadline (3 * interval + 1 s); a lease's TTL +
-    # lock-delay (see timings.py, and test_protocol_rules for the rule behind both).
-    assert RECORD.silence_required() == 2 * (3 * 2.0 + 1.0)
-    assert LEASE.silence_required() == 30.0 + 7.5
-
-
 def test_describe_names_the_token() -> None:
     assert "'db-1'" in RECORD.describe()
     assert "'db-1'" in LegacyLock("db-1").describe()

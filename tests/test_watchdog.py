@@ -40,7 +40,7 @@ def run_args(tmp_path: Path, *extra: str) -> list[str]:
 )
 def test_timeout_fits_inside_the_margin(ttl: float, timeout: int) -> None:
     timings = Timings.lease(ttl)
-    margin = timings.ttl + timings.lock_delay - (timings.deadline or 0)
+    margin = timings.ttl + timings.lock_delay - timings.deadline
     assert watchdog.timeout_for(timings) == timeout
     assert timeout <= margin - 1.0 and timeout > timings.interval
 
@@ -222,8 +222,8 @@ def test_no_keepalive_after_renewals_fail(procs: Registry, tmp_path: Path) -> No
 
 
 def test_margin_and_flush_bound_follow_the_takeover_rule() -> None:
-    from pgfence.flush import flush_bound, margin
-
-    assert margin(Timings.lease(30.0)) == 22.5 and flush_bound(Timings.lease(30.0)) == 11.25
+    lease = Timings.lease(30.0)
+    assert lease.margin == 22.5 and lease.flush_bound == 11.25
     # strict: deadline D = 3 intervals + 1 s, a same-token takeover after 2 D
-    assert margin(Timings.strict(2.0)) == 7.0 and flush_bound(Timings.strict(2.0)) == 3.5
+    strict = Timings.strict(2.0)
+    assert strict.margin == 7.0 and strict.flush_bound == 3.5

@@ -148,7 +148,7 @@ def _run(settings: Settings, command: list[str]) -> int:
     from pgfence import runloop, supervisor
     from pgfence.datadir import check_same_filesystem, data_directory
     from pgfence.environment import fence_environment, supervising_instance
-    from pgfence.flush import filesystems, flush_bound
+    from pgfence.flush import filesystems
     from pgfence.guardian import Guardian
     from pgfence.metrics import Metrics, serve
 
@@ -183,7 +183,7 @@ def _run(settings: Settings, command: list[str]) -> int:
     )
     # Forked before any thread exists (see guardian.py); PID 1 needs none: the kernel
     # kills its whole namespace with it.
-    guardian = None if os.getpid() == 1 else Guardian(flush_dirs, flush_bound(settings.timings))
+    guardian = None if os.getpid() == 1 else Guardian(flush_dirs, settings.timings.flush_bound)
     if settings.metrics_address:
         serve(settings.metrics_address, metrics)
     try:

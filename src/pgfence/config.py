@@ -22,7 +22,13 @@ from pgfence.environment import (
 from pgfence.errors import UsageError
 from pgfence.frozen import Struct
 from pgfence.record import token_problem
-from pgfence.timings import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_TTL, MIN_TTL, Timings
+from pgfence.timings import (
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_TTL,
+    MIN_TTL,
+    Timings,
+    vanished_lock_delay,
+)
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see frozen.py)
 if TYPE_CHECKING:
@@ -407,7 +413,7 @@ def resolve(command: str, values: Mapping[str, str | bool], env: Mapping[str, st
     if mode == "lease" and backend == "etcd" and lock_delay is None:
         # A key can vanish under a live holder (see backends/etcd/backend.py): the lock
         # delay must outlast the holder's fence deadline, TTL/2, by a renewal.
-        lock_delay = ttl / 2 + ttl / 6
+        lock_delay = vanished_lock_delay(ttl)
     timings = Timings.lease(ttl, lock_delay) if mode == "lease" else Timings.strict(interval)
     drain_grace = seconds("drain_grace", DEFAULT_DRAIN_GRACE, 0.0)
     assert drain_grace is not None

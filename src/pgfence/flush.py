@@ -8,8 +8,8 @@ syncfs(2) on the data directory's filesystem (and the lock directory's, if it di
 
 A syncfs cannot be cancelled, and on unreachable storage it may never return. It runs in
 a thread of its own, and pgfence waits for it at most `bound` seconds: the safety argument
-counts that bound inside the margin (see `flush_bound`). A flush that did not finish in
-time is reported, never assumed.
+counts that bound inside the margin (`Timings.flush_bound`, half of it). A flush that did
+not finish in time is reported, never assumed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 from pgfence import clock, signals
 from pgfence.frozen import Struct
-from pgfence.timings import Timings
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -30,18 +29,6 @@ class FlushResult(Struct):
     ok: bool
     seconds: float  # how long we waited
     detail: str  # what was flushed, or why it failed
-
-
-def margin(timings: Timings) -> float:
-    """S - D: from the holder's deadline to the first moment a contender may take over
-    (derived in timings.py, with the takeover rule, so the two cannot disagree)."""
-    return timings.margin
-
-
-def flush_bound(timings: Timings) -> float:
-    """How long pgfence waits for a flush: half the margin, so that the kill time, a
-    stale read, the last write's latency and clock-rate differences keep the other half."""
-    return margin(timings) / 2
 
 
 def filesystems(directories: Sequence[str]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pgfence import __version__, clock
 from pgfence.errors import UsageError
+from pgfence.timings import stale_after
 
 
 class Metrics:
@@ -20,7 +21,7 @@ class Metrics:
         self.deadline = deadline
         # /healthz: a heartbeat is fresh as `check` judges it (two intervals and a
         # second), and in lease mode never older than the self-fence deadline.
-        self.fresh_within = 2 * interval + 1.0
+        self.fresh_within = stale_after(interval)
         if deadline is not None:
             self.fresh_within = min(self.fresh_within, deadline)
         self.holding = 0

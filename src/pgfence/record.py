@@ -112,14 +112,6 @@ class LockRecord(Struct):
     def next_beat(self, clock: float, wall: str) -> LockRecord:
         return self.replace(heartbeat=self.heartbeat + 1, clock=clock, heartbeat_at=wall)
 
-    def silence_required(self) -> float:
-        """How long a reader must see no heartbeat before calling this holder silent: the
-        takeover rule for this record (see timings.py, which derives it with the holder's
-        self-fence deadline)."""
-        from pgfence.timings import takeover_silence  # timings imports this module
-
-        return takeover_silence(self)
-
     def encode(self) -> bytes:
         fields = [
             ("instance", self.instance),

@@ -33,7 +33,7 @@ from pgfence.errors import (
     LockLost,
     StorageError,
 )
-from pgfence.flush import FlushResult, flush, flush_bound
+from pgfence.flush import FlushResult, flush
 from pgfence.guardian import REPORT_EVERY, Guardian
 from pgfence.metrics import Metrics
 from pgfence.signals import FORWARDED, next_signal
@@ -178,7 +178,7 @@ def run(
     assert status is not None
     # Every process is gone, but its writes may not be on the storage yet: flush them
     # while the lease is still renewed, and give the lock up only if that finished.
-    flushed = flush(flush_dirs, flush_bound(timings))
+    flushed = flush(flush_dirs, timings.flush_bound)
     reason = renewer.lost or _deadline_passed(renewer, timings)
     if reason:
         metrics.fenced()
@@ -233,7 +233,7 @@ def _self_fence(
     renewer.stop(wait=False)
     took = clock.now() - started
     if flushed is None:  # (already flushed when the tree was gone before the fence)
-        flushed = flush(flush_dirs, flush_bound(timings))
+        flushed = flush(flush_dirs, timings.flush_bound)
     if not flushed.ok:
         return _unflushed(flushed, f"{reason}: killed the server's process tree")
     if dog:

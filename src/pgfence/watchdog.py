@@ -11,7 +11,8 @@ stop, the machine resets T seconds after the last one.
 Why T fits (s: start of the last successful renewal; D: deadline; W: takeover wait):
 that renewal completed, and its keepalive was written, before s + D; the machine resets by
 s + D + T; a contender acts no earlier than s + W. So T < W - D, less a slack for clock
-rates and the driver's precision: T = floor(margin - max(1 s, margin / 10)), at least 1 s.
+rates and the driver's precision: T = floor(margin - max(1 s, margin / 10)), at least 1 s
+(`Timings.watchdog_timeout`).
 
 The magic close (`V`, then close) stops the timer only once the server's tree is gone
 and its writes are flushed: a clean release, or a self-fence whose flush completed.
@@ -24,12 +25,10 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
-import math
 import os
 import threading
 
 from pgfence.errors import StorageError, UsageError
-from pgfence.flush import margin
 from pgfence.timings import Timings
 
 DEFAULT_DEVICE = "/dev/watchdog"
@@ -43,12 +42,11 @@ MAGIC_CLOSE = b"V"
 
 def timeout_for(timings: Timings) -> int:
     """Whole seconds T with D + T safely below S; UsageError if the timings leave none."""
-    m = margin(timings)
-    seconds = math.floor(m - max(1.0, m / 10))
+    seconds = timings.watchdog_timeout
     if seconds < 1 or seconds <= timings.interval:
         raise UsageError(
-            f"--watchdog: the margin S - D is {m:.3g} s, too short for a watchdog timeout "
-            "of at least 1 s (and longer than a renewal interval) with 1 s to spare; "
+            f"--watchdog: the margin S - D is {timings.margin:.3g} s, too short for a watchdog "
+            "timeout of at least 1 s (and longer than a renewal interval) with 1 s to spare; "
             "raise --ttl (3 s or more fits with the default lock delay) or --lock-delay, "
             "or use --watchdog off"
         )

@@ -128,7 +128,7 @@ def judge_liveness(
 ) -> LockState:
     """Is `holder` alive? Exact on the same kernel boot (same monotonic clock), else by
     watching its heartbeat for `observe` seconds (default: long enough to call it silent)."""
-    stale = stale_after(holder)
+    stale = stale_after(holder.interval)
     if holder.boot_id == clock.boot_id():
         age = clock.now() - holder.clock
         if age >= -1.0:

@@ -19,9 +19,9 @@ holder still runs: a lease revoked by a stuck etcd leader (etcd#15247), `etcdctl
 `release --force`. That holder notices at its next renewal, and fences at the latest at
 its deadline, TTL/2 after its last successful renewal; a contender may never have seen
 it. So a contender creates the key only after it has seen it absent, without a break, for
-the lock delay, which is at least TTL/2 + TTL/6 (etcd/config.py), and at least that of a
-holder it saw, even on its first look. Then it creates the key in a transaction (create
-revision 0 -> put): of many contenders exactly one succeeds.
+the lock delay, which is at least TTL/2 + TTL/6, and at least that of a holder it saw,
+even on its first look (the lock-delay rule: `timings.lock_delay`). Then it creates the
+key in a transaction (create revision 0 -> put): of many contenders exactly one succeeds.
 
 Acquisition grants a lease of ceil(TTL) seconds, then creates the key attached to it. The
 fencing token (PGFENCE_GENERATION) is the key's create revision, which grows with every
@@ -49,7 +49,6 @@ The lease's remaining TTL is not used: etcd reports it in whole seconds.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Callable
 
 from pgfence import clock, log
@@ -65,12 +64,12 @@ from pgfence.backends.base import (
     watch_progress,
 )
 from pgfence.backends.etcd.client import EtcdClient, KeyValue, first_kv
-from pgfence.backends.etcd.config import minimum_lock_delay, open_client
+from pgfence.backends.etcd.config import open_client
 from pgfence.backends.etcd.generation_mark import GenerationMark
 from pgfence.backends.etcd.hold import EtcdHold, FenceKey, compare, delete, get, put
 from pgfence.errors import FencedOut, LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LockRecord
-from pgfence.timings import Timings
+from pgfence.timings import Timings, etcd_lease_seconds, lock_delay, takeover_silence
 
 if TYPE_CHECKING:
     from pgfence.backends.base import Sleep
@@ -101,7 +100,7 @@ class EtcdBackend(Backend):
         self._wait = wait
         self.deadline = self._fence.deadline
         self.slow = self._fence.slow
-        self._lease_ttl = max(1, math.ceil(timings.ttl))  # etcd counts whole seconds
+        self._lease_ttl = etcd_lease_seconds(timings.ttl)
 
     @classmethod
     def from_settings(cls, settings: Settings, instance: str) -> EtcdBackend:
@@ -128,7 +127,7 @@ class EtcdBackend(Backend):
         beats = 0  # how often the watched holder's heartbeat moved
         previous = "free"
         absent_since: float | None = None  # first of the reads, all since, that found no key
-        delay = self._timings.lock_delay
+        delay = lock_delay(self._timings, None, from_absence=True)
         pending: dict[int, int] = {}  # lease -> its TTL, of creates whose answer was lost
         # A waiting contender says at once whom it waits for, and why; one that gives
         # up at the first sign of a live holder (--no-wait) ends with one error line.
@@ -191,7 +190,7 @@ class EtcdBackend(Backend):
             absent_since = None
             holder = self._fence.holder_of(kv)
             # The holder that goes away may have a longer TTL than ours: outlast it too.
-            delay = max(delay, holder.lock_delay, minimum_lock_delay(holder.ttl))
+            delay = max(delay, lock_delay(self._timings, holder, from_absence=True))
             if watched is not None and kv.create_revision == watched.create_revision:
                 beats += kv.mod_revision != watched.mod_revision
             else:
@@ -347,7 +346,7 @@ class EtcdBackend(Backend):
             holder = None
         first_line = first_line_of(kv.value)
         if holder is not None and not force:
-            needed = holder.silence_required()
+            needed = takeover_silence(holder)
             outcome, _ = self._watch(kv, needed, sleep, watch_progress(holder, needed))
             if outcome == "moved":
                 raise refuse_live_holder(where, holder)

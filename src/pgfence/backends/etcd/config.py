@@ -12,7 +12,6 @@ a running holder: file first, then etcd.
 from __future__ import annotations
 
 import ipaddress
-import math
 import os
 import ssl
 import urllib.parse
@@ -21,7 +20,12 @@ from typing import TYPE_CHECKING, Callable, Generic, TypeVar, Union
 from pgfence import log
 from pgfence.backends.etcd.client import Endpoint, EtcdClient
 from pgfence.errors import UsageError
-from pgfence.timings import Timings
+from pgfence.timings import (
+    Timings,
+    etcd_minimum_ttl,
+    request_timeouts,
+    vanished_lock_delay,
+)
 
 if TYPE_CHECKING:
     from pgfence.config import EtcdSettings, Settings
@@ -68,39 +72,11 @@ def open_client(settings: Settings) -> tuple[EtcdClient, str]:
 
 # -- timings ---------------------------------------------------------------------------
 
-LEADERLESS_MARGIN = 0.25  # s: the election's own messages, a scheduling delay
-
-
-def minimum_ttl(election_timeout: float) -> float:
-    """The shortest TTL whose holder survives an etcd leader failure (quorum kept).
-
-    With the leader gone, no renewal succeeds until the others elect a new one: up to
-    two election timeouts (each member waits a random timeout in [ET, 2 ET)), and one
-    more when two candidates split the vote, plus one request timeout for a renewal that
-    was waiting on the failed member. The holder must come through that within its fence
-    deadline, TTL/2. (With two election timeouts and no more, a holder at that minimum
-    self-fenced once in three leader crashes on etcd 3.4.23.) In tenths of a second.
-    """
-    needed = 3 * election_timeout + LEADERLESS_MARGIN
-    deadline = needed + 0.5
-    for _ in range(60):  # the request timeout grows with the deadline, by a third
-        deadline = needed + request_timeouts(Timings.lease(2 * deadline))[0]
-    return math.ceil(20 * deadline - 1e-9) / 10
-
-
-def minimum_lock_delay(ttl: float) -> float:
-    """The shortest lock delay that outlasts a holder whose key vanished.
-
-    A key can disappear while its holder runs (a lease revoked by a stuck etcd leader,
-    `etcdctl del`, `release --force`). The holder notices at its next renewal, and fences
-    at the latest at its deadline, TTL/2 after its last successful renewal; the lock
-    delay adds one renewal interval (TTL/6) for killing its server.
-    """
-    return ttl / 2 + ttl / 6
-
 
 def check_timings(timings: Timings, election_timeout: float) -> None:
-    shortest = minimum_ttl(election_timeout)
+    """Refuse (64) a TTL or lock delay the etcd backend cannot keep (the limits are
+    derived in timings.py)."""
+    shortest = etcd_minimum_ttl(election_timeout)
     if timings.ttl < shortest:
         raise UsageError(
             f"TTL {timings.ttl:g} s is too short for the etcd backend: when the etcd leader "
@@ -110,7 +86,7 @@ def check_timings(timings: Timings, election_timeout: float) -> None:
             f"its fence deadline, TTL/2; set --ttl (FENCE_LEASE_TTL) to {shortest:g} or "
             "more, or, if the cluster elects faster, its --etcd-election-timeout"
         )
-    least = minimum_lock_delay(timings.ttl)
+    least = vanished_lock_delay(timings.ttl)
     if timings.lock_delay < least - 1e-9:
         raise UsageError(
             f"lock delay {timings.lock_delay:g} s is too short for the etcd backend: an "
@@ -119,18 +95,6 @@ def check_timings(timings: Timings, election_timeout: float) -> None:
             f"next renewal, at the latest TTL/2 later; set --lock-delay (FENCE_LOCK_DELAY) "
             f"to {least:.3g} (TTL/2 + TTL/6) or more, or leave it unset"
         )
-
-
-def request_timeouts(timings: Timings) -> tuple[float, float]:
-    """(renewal request timeout, timeout of everything else).
-
-    A renewal may meet an endpoint that stopped answering and must still fail over to the
-    next one well within the fence deadline D: each request gets D/3 (0.5 to 5 s), and a
-    renewal as a whole gets D. Requests that do not race the deadline get at least 2 s.
-    """
-    deadline = timings.deadline or timings.ttl / 2
-    fast = min(5.0, max(0.5, deadline / 3))
-    return fast, max(fast, 2.0)
 
 
 def is_loopback(host: str) -> bool:

@@ -34,10 +34,14 @@ from pgfence.backends.etcd.client import (
     b64,
     first_kv,
 )
-from pgfence.backends.etcd.config import request_timeouts
 from pgfence.errors import LockFormatError, LockLost, PgfenceError, StorageError
 from pgfence.record import LegacyLock, LockRecord, parse
-from pgfence.timings import Timings
+from pgfence.timings import (
+    Timings,
+    heartbeat_write_after,
+    heartbeat_write_interval,
+    request_timeouts,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,11 +77,6 @@ def delete(key: bytes) -> Json:
     return {"request_delete_range": {"key": b64(key)}}
 
 
-def heartbeat_write_interval(timings: Timings) -> float:
-    """Seconds between heartbeat writes: one per TTL, at most every sixth renewal."""
-    return max(timings.interval, 6 * timings.interval)
-
-
 class FenceKey:
     """The key, the client that reaches it, and how long requests about it may take."""
 
@@ -85,10 +84,11 @@ class FenceKey:
         self.client = client
         self.text = key
         self.key = key.encode("utf-8", "surrogateescape")
-        self.deadline = timings.deadline or timings.ttl / 2
+        self.deadline = timings.deadline
         self.slow = request_timeouts(timings)[1]
         self.interval = timings.interval
         self.write_every = heartbeat_write_interval(timings)
+        self.write_after = heartbeat_write_after(timings)
 
     def location(self) -> str:
         return f"etcd:{self.text}"
@@ -208,7 +208,7 @@ class EtcdHold(Hold):
     def _renew_once(self, guard: Guard, until: float) -> None:
         kept_at = self._keepalive(guard, until)
         since = clock.now() - self._written_at
-        write = since >= self._fence.write_every - self._fence.interval / 2
+        write = since >= self._fence.write_after
         checked_at = None
         if write:
             started = clock.now()

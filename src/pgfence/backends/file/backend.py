@@ -201,9 +201,7 @@ class FileBackend(Backend):
                     f"{holder.token!r} (instance {holder.instance}, its heartbeat moved); "
                     "give each container a distinct token (FENCE_VARIABLE)"
                 )
-            if holder.mode == "lease":
-                return self._timings.takeover_wait(holder)
-            return takeover_silence(holder)
+            return self._timings.takeover_wait(holder)
         if self._timings.mode == "strict":
             raise FencedOut(f"fenced out: {where} is held by {holder.describe()}")
         if holder.mode == "strict":
