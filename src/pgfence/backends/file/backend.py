@@ -157,7 +157,7 @@ class FileBackend(Backend, ReleaseSteps):
                 busy = self._lockfile.read_claim(claim) if busy_claim else None
                 if busy is None:
                     continue  # lock changed, or the other claimer finished: look again
-                claims.held(busy, now)  # past an abandoned claim: the next attempt's
+                claims.held(busy, now)  # moves on to the next claim once it looks abandoned
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY
                 message = _waiting_message(holder, silent, needed)
