@@ -88,7 +88,7 @@ class Backend(ABC):
     @abstractmethod
     def release(self, force: bool, sleep: Sleep) -> str:
         """Operator release; returns what was done, raises FencedOut when refused.
-        Every backend's is `release_fence`, with its own ReleaseSteps."""
+        Both backends run `release_fence` with their own ReleaseSteps."""
 
     @abstractmethod
     def held_by_instance(self, instance: str) -> bool:
@@ -207,16 +207,17 @@ class ReleaseSteps(ABC):
 
 
 def release_fence(steps: ReleaseSteps, force: bool, sleep: Sleep) -> str:
-    """`pgfence release [--force]`: delete the lock of a holder that is gone, and say
-    what was removed; FencedOut (73) when refused.
+    """`pgfence release [--force]`: delete a lock whose holder is gone, and say what was
+    removed. FencedOut (73) when refused; LockFormatError (65) for content pgfence did
+    not write, unless forced.
 
-    The lock is read once, and only that state is judged and deleted: a lock that changes
-    meanwhile (a live holder's heartbeat, a takeover) is never deleted. Without --force,
-    the holder must stay silent for as long as a takeover waits (after which anyone may
-    take the lock over anyway), which is longer than its self-fence deadline plus a
-    margin; a lock without a heartbeat is refused, as nothing tells whether its holder
-    runs, and so is content pgfence did not write (LockFormatError, 65). --force deletes
-    whatever the lock holds; a live holder finds it gone at its next renewal and fences.
+    The lock is read once, and only the state that read found is judged and deleted: a
+    lock that changed meanwhile (a live holder's heartbeat, a takeover) is never deleted.
+    Without --force, a lock without heartbeat (one-line, sh shim) is refused, as nothing
+    tells whether its holder runs; any other holder must stay silent for as long as a
+    takeover of its lock waits, longer than its self-fence deadline plus a margin. With
+    --force, whatever the lock holds is deleted; a live holder finds it gone at its next
+    renewal and fences.
     """
     where = steps.location()
     read = steps.read_lock()
