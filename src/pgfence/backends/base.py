@@ -10,14 +10,15 @@ import os
 from abc import ABC, abstractmethod
 
 from pgfence import clock, log
-from pgfence.errors import FencedOut
+from pgfence.errors import FencedOut, LockFormatError
 from pgfence.frozen import Struct
-from pgfence.record import LockRecord
+from pgfence.record import LegacyLock, LockRecord
 from pgfence.timings import Timings, stale_after, takeover_silence
 
 TYPE_CHECKING = False  # typing is not imported at run time: start-up cost (see frozen.py)
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
     from pgfence.record import Holder
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     Sleep = Callable[[float], None]
     # Checked immediately before a renewal is written: False: "too late, do not write".
     Guard = Callable[[], bool]
+    # One read of the lock, as its backend tells that state of it from any other (the
+    # file backend: the file's bytes; etcd: the key with its revisions).
+    Seen = Any
 
 
 class LockState(Struct):
@@ -84,7 +88,8 @@ class Backend(ABC):
 
     @abstractmethod
     def release(self, force: bool, sleep: Sleep) -> str:
-        """Operator release; returns what was done, raises FencedOut when refused."""
+        """Operator release; returns what was done, raises FencedOut when refused.
+        Both backends run `release_fence` with their own ReleaseSteps."""
 
     @abstractmethod
     def held_by_instance(self, instance: str) -> bool:
@@ -171,7 +176,91 @@ def watch(
         sleep(min(poll, limit - elapsed))
 
 
-def watch_progress(holder: Holder, needed: float) -> Callable[[float], None]:
+class ReleaseSteps(ABC):
+    """What an operator release (`release_fence`) does that depends on the backend. The
+    first step reads the lock once; every later one acts on the state that read found
+    (`seen`), never on whatever the lock holds by then."""
+
+    @abstractmethod
+    def location(self) -> str:
+        """Where the fence lives, for messages."""
+
+    @abstractmethod
+    def read_lock(self) -> tuple[bytes, Seen] | None:
+        """The lock's content and that state of it; None when there is no lock."""
+
+    @abstractmethod
+    def holder_of(self, seen: Seen) -> Holder:
+        """Who holds it; LockFormatError (65) for content this backend never holds."""
+
+    @abstractmethod
+    def watch_lock(
+        self, seen: Seen, limit: float, sleep: Sleep, progress: Callable[[float], None] | None
+    ) -> tuple[str, float]:
+        """Watch for up to `limit` s whether the lock stays `seen`: "moved", "gone" (only
+        where a deletion can be told from a change) or "still", and the seconds watched."""
+
+    @abstractmethod
+    def delete_unchanged(self, seen: Seen, holder: Holder | None, sleep: Sleep) -> str | None:
+        """Delete the lock if it is still `seen` (`holder`: what it says, None when
+        unreadable): None. If it changed, delete nothing and say what it holds now,
+        as the end of "it ..."."""
+
+
+def release_fence(steps: ReleaseSteps, force: bool, sleep: Sleep) -> str:
+    """`pgfence release [--force]`: delete a lock whose holder is gone, and say what was
+    removed. FencedOut (73) when refused; LockFormatError (65) for content pgfence did
+    not write, unless forced.
+
+    The lock is read once, and only the state that read found is judged and deleted: a
+    lock that changed meanwhile (a live holder's heartbeat, a takeover) is never deleted.
+    Without --force, a lock without heartbeat (one-line, sh shim) is refused, as nothing
+    tells whether its holder runs; any other holder must stay silent for as long as a
+    takeover of its lock waits, longer than its self-fence deadline plus a margin. With
+    --force, whatever the lock holds is deleted; a live holder finds it gone at its next
+    renewal and fences.
+    """
+    where = steps.location()
+    read = steps.read_lock()
+    if read is None:
+        return f"{where} does not exist; nothing to release"
+    content, seen = read
+    try:
+        holder: Holder | None = steps.holder_of(seen)
+    except LockFormatError:
+        if not force:
+            raise
+        holder = None
+    if not force:
+        assert holder is not None  # content that is no lock raised above
+        if isinstance(holder, LegacyLock):
+            raise FencedOut(
+                f"{where} holds {holder.describe()}: a lock without heartbeat, so "
+                "pgfence cannot tell whether its holder still runs; make sure no server "
+                "runs on this data directory, then use `pgfence release --force`"
+            )
+        needed = takeover_silence(holder)
+        outcome, _ = steps.watch_lock(seen, needed, sleep, _watch_progress(holder, needed))
+        if outcome == "moved":
+            raise FencedOut(
+                f"not released: {where} is held by {holder.describe()}, "
+                "whose heartbeat is moving (the holder is alive)"
+            )
+        if outcome == "gone":
+            return (
+                f"{where} disappeared while being watched (its holder released it or "
+                "its lease expired); nothing to release"
+            )
+    now_holds = steps.delete_unchanged(seen, holder, sleep)
+    if now_holds is not None:
+        raise FencedOut(
+            f"not released: {where} changed while it was being released (it {now_holds}); "
+            "look again with `pgfence status`"
+        )
+    return _report_removed(where, holder, first_line_of(content), force)
+
+
+def _watch_progress(holder: Holder, needed: float) -> Callable[[float], None]:
     """Progress lines for an operator release watching `holder`'s heartbeat."""
 
     def progress(silent: float) -> None:
@@ -185,14 +274,7 @@ def watch_progress(holder: Holder, needed: float) -> Callable[[float], None]:
     return progress
 
 
-def refuse_live_holder(where: str, holder: Holder) -> FencedOut:
-    return FencedOut(
-        f"not released: {where} is held by {holder.describe()}, "
-        "whose heartbeat is moving (the holder is alive)"
-    )
-
-
-def report_removed(where: str, holder: Holder | None, first_line: str, force: bool) -> str:
+def _report_removed(where: str, holder: Holder | None, first_line: str, force: bool) -> str:
     """Log what an operator release removed (a warning: it is never routine) and say it."""
     what = holder.describe() if holder else f"unreadable content (first line {first_line!r})"
     log.event(

@@ -55,31 +55,30 @@ from pgfence import clock, log
 from pgfence.backends.base import (
     Backend,
     LockState,
-    first_line_of,
+    ReleaseSteps,
     fresh_record,
     judge_liveness,
-    refuse_live_holder,
-    report_removed,
+    release_fence,
     watch,
-    watch_progress,
 )
 from pgfence.backends.etcd.client import EtcdClient, KeyValue, first_kv
 from pgfence.backends.etcd.config import open_client
 from pgfence.backends.etcd.generation_mark import GenerationMark
 from pgfence.backends.etcd.hold import EtcdHold, FenceKey, compare, delete, get, put
-from pgfence.errors import FencedOut, LockFormatError, LockLost, PgfenceError, StorageError
+from pgfence.errors import FencedOut, LockLost, PgfenceError, StorageError
 from pgfence.record import LockRecord
-from pgfence.timings import Timings, etcd_lease_seconds, lock_delay, takeover_silence
+from pgfence.timings import Timings, etcd_lease_seconds, lock_delay
 
 if TYPE_CHECKING:
     from pgfence.backends.base import Sleep
     from pgfence.config import Settings
+    from pgfence.record import Holder
 
 PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
 WATCH_POLL = 0.2  # seconds between reads while watching a heartbeat
 
 
-class EtcdBackend(Backend):
+class EtcdBackend(Backend, ReleaseSteps):
     def __init__(
         self,
         client: EtcdClient,
@@ -329,32 +328,24 @@ class EtcdBackend(Backend):
         holder = self._fence.holder_of(kv)
         ours = holder.token == self._token
         return judge_liveness(
-            where, holder, ours, observe, lambda s: self._watch(kv, s, sleep, None)
+            where, holder, ours, observe, lambda s: self.watch_lock(kv, s, sleep, None)
         )
 
     def release(self, force: bool, sleep: Sleep) -> str:
-        where = self.location()
+        return release_fence(self, force, sleep)
+
+    # -- the operator release's steps (see release_fence) ------------------------------
+
+    def read_lock(self) -> tuple[bytes, KeyValue] | None:
         kv = self._fence.read()
-        if kv is None:
-            return f"{where} does not exist; nothing to release"
-        holder: LockRecord | None
-        try:
-            holder = self._fence.holder_of(kv)
-        except LockFormatError:
-            if not force:
-                raise
-            holder = None
-        first_line = first_line_of(kv.value)
-        if holder is not None and not force:
-            needed = takeover_silence(holder)
-            outcome, _ = self._watch(kv, needed, sleep, watch_progress(holder, needed))
-            if outcome == "moved":
-                raise refuse_live_holder(where, holder)
-            if outcome == "gone":
-                return (
-                    f"{where} disappeared while being watched (its holder released it or "
-                    "its lease expired); nothing to release"
-                )
+        return None if kv is None else (kv.value, kv)
+
+    def holder_of(self, kv: KeyValue) -> LockRecord:
+        return self._fence.holder_of(kv)
+
+    def delete_unchanged(self, kv: KeyValue, holder: Holder | None, sleep: Sleep) -> str | None:
+        # Every write gives the key a new mod revision, and so does its deletion and
+        # re-creation: an equal one is the state that was read.
         ok, responses = self.client.txn(
             [compare(self.key, "MOD", kv.mod_revision)],
             [delete(self.key)],
@@ -362,14 +353,10 @@ class EtcdBackend(Backend):
             timeout=self.slow,
         )
         if not ok:
-            now = self._fence.now_holds(first_kv(responses[0]) if responses else None)
-            raise FencedOut(
-                f"not released: {where} changed while it was being released (it {now}); "
-                "look again with `pgfence status`"
-            )
+            return self._fence.now_holds(first_kv(responses[0]) if responses else None)
         if kv.lease:
             self._fence.revoke_quietly(kv.lease)  # its holder's next keep-alive then fails at once
-        return report_removed(where, holder, first_line, force)
+        return None
 
     def held_by_instance(self, instance: str) -> bool:
         kv = self._fence.read()
@@ -378,7 +365,7 @@ class EtcdBackend(Backend):
         holder = self._fence.holder_of(kv)
         return holder.token == self._token and holder.instance == instance
 
-    def _watch(
+    def watch_lock(
         self,
         kv: KeyValue,
         limit: float,

@@ -30,19 +30,18 @@ from pgfence.backends.base import (
     Backend,
     Hold,
     LockState,
-    first_line_of,
+    ReleaseSteps,
     fresh_record,
     judge_liveness,
-    refuse_live_holder,
-    report_removed,
+    release_fence,
     watch,
-    watch_progress,
 )
+from pgfence.backends.file.claims import ClaimWait, claim_name, remove_under_claim
 from pgfence.backends.file.generation import confirm_generation, reserve_generation
 from pgfence.backends.file.lockfile import LockFile, NotDurable, Snapshot
 from pgfence.errors import FencedOut, LockFormatError, LockLost
 from pgfence.record import LegacyLock, LockRecord, generation_of, parse
-from pgfence.timings import Timings, claim_abandoned_after, claim_limit, takeover_silence
+from pgfence.timings import Timings, claim_limit
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -110,7 +109,7 @@ class FileHold(Hold):
         return {"lock_file": self._lockfile.path}
 
 
-class FileBackend(Backend):
+class FileBackend(Backend, ReleaseSteps):
     def __init__(self, path: str, token: str, instance: str, timings: Timings, wait: bool) -> None:
         self._lockfile = LockFile(path, instance)
         self._token = token
@@ -127,8 +126,7 @@ class FileBackend(Backend):
         watched: Snapshot | None = None  # the lock content we are timing
         since = 0.0  # when we first saw `watched`, on our clock
         changes = 0  # how often the lock changed while we watched: a live holder
-        attempt = 1  # takeover attempt; moves on only past an abandoned claim
-        claim_seen: tuple[str, bytes | None, float] | None = None
+        claims: ClaimWait | None = None  # of `watched`, once we claim it
         # A contender that waits (lease mode) says at once whom it waits for, and why;
         # a short observation that may end in one error line does not.
         waits = self._timings.mode == "lease" and self._wait
@@ -146,30 +144,20 @@ class FileBackend(Backend):
             if snapshot != watched:
                 if watched is not None:
                     changes += 1
-                watched, since, attempt, claim_seen = snapshot, now, 1, None
+                watched, since, claims = snapshot, now, None
             needed = self._silence_needed(holder, changes)
             silent = now - since
             if needed is not None and silent >= needed:
-                claim = claim_name(holder, attempt)
+                if claims is None:
+                    claims = ClaimWait(holder, needed)
+                claim = claims.claim()
                 hold, busy_claim = self._takeover(snapshot, holder, claim, needed)
                 if hold:
                     return hold
                 busy = self._lockfile.read_claim(claim) if busy_claim else None
                 if busy is None:
                     continue  # lock changed, or the other claimer finished: look again
-                if claim_seen is None or claim_seen[:2] != (claim, busy):
-                    claim_seen = (claim, busy, now)
-                elif now - claim_seen[2] >= claim_abandoned_after(holder, needed):
-                    # The claimer stopped (crashed, or stalled past its own limit, which
-                    # is at most half this long) while the lock stayed unchanged: use the
-                    # next attempt's claim name.
-                    log.event(
-                        "claim_abandoned",
-                        f"takeover claim {claim} looks abandoned; trying the next one",
-                        level="warning",
-                        claim=claim,
-                    )
-                    attempt += 1
+                claims.held(busy, now)  # moves on to the next claim once it looks abandoned
             if now >= next_progress:
                 next_progress = now + PROGRESS_EVERY
                 message = _waiting_message(holder, silent, needed)
@@ -298,85 +286,34 @@ class FileBackend(Backend):
         if isinstance(holder, LegacyLock):
             return LockState(self.location(), holder, ours, None, None, "none", 0.0)
         return judge_liveness(
-            self.location(), holder, ours, observe, lambda s: self._watch(snapshot, s, sleep, None)
+            self.location(),
+            holder,
+            ours,
+            observe,
+            lambda s: self.watch_lock(snapshot, s, sleep, None),
         )
 
     def release(self, force: bool, sleep: Sleep) -> str:
-        where = self._lockfile.path
+        return release_fence(self, force, sleep)
+
+    # -- the operator release's steps (see release_fence) ------------------------------
+
+    def read_lock(self) -> tuple[bytes, Snapshot] | None:
         snapshot = self._lockfile.read()
-        if snapshot is None:
-            return f"{where} does not exist; nothing to release"
-        try:
-            holder: Holder | None = parse(snapshot.data, where)
-        except LockFormatError:
-            if not force:
-                raise
-            holder = None
-        first_line = first_line_of(snapshot.data)
-        if not force:
-            assert holder is not None
-            if isinstance(holder, LegacyLock):
-                raise FencedOut(
-                    f"{where} holds {holder.describe()}: a lock without heartbeat, so "
-                    "pgfence cannot tell whether its holder still runs; make sure no server "
-                    "runs on this data directory, then use `pgfence release --force`"
-                )
-            needed = takeover_silence(holder)
-            seen, _ = self._watch(snapshot, needed, sleep, watch_progress(holder, needed))
-            if seen == "moved":
-                raise refuse_live_holder(where, holder)
+        return None if snapshot is None else (snapshot.data, snapshot)
+
+    def holder_of(self, snapshot: Snapshot) -> Holder:
+        return parse(snapshot.data, self._lockfile.path)
+
+    def delete_unchanged(
+        self, snapshot: Snapshot, holder: Holder | None, sleep: Sleep
+    ) -> str | None:
         if holder is not None and generation_of(holder):
             # Whatever the generation file says (lost, restored, or behind because the
             # holder crashed right after winning), the next holder gets a newer one.
             self._lockfile.raise_generation(generation_of(holder), "released")
-        self._remove_under_claim(snapshot, holder, sleep)
-        return report_removed(where, holder, first_line, force)
-
-    def _remove_under_claim(self, snapshot: Snapshot, holder: Holder | None, sleep: Sleep) -> None:
-        """Delete `snapshot` under the takeover claim of that state, so a release and a
-        takeover of the same lock exclude each other and a release never deletes a fresh
-        takeover. A claim left by a contender that died stays: after watching it (and the
-        lock) unchanged as long as a contender would, move on to the next attempt's."""
-        where = self._lockfile.path
-        needed = takeover_silence(holder) if isinstance(holder, LockRecord) else 0.0
-        attempt = 1
-        seen: tuple[str, bytes, float] | None = None
-        while True:
-            claim = claim_name(holder, attempt)
-            outcome = self._lockfile.remove(snapshot, claim)
-            if outcome.ok:
-                if isinstance(holder, LockRecord):
-                    # That state is gone: claims left on it protect nothing. (One-line
-                    # locks all share claim names, so theirs stay.)
-                    self._lockfile.remove_claims(claim_name(holder, None))
-                return
-            busy = self._lockfile.read_claim(claim) if outcome.busy else None
-            current = self._lockfile.read()
-            if current != snapshot:
-                raise FencedOut(
-                    f"not released: {where} changed while it was being released "
-                    f"(it now {_now_holds(current)}); look again with `pgfence status`"
-                )
-            if busy is None:
-                continue  # the claimer finished meanwhile: look again
-            now = clock.now()
-            if seen is None or seen[:2] != (claim, busy):
-                seen = (claim, busy, now)
-                log.event(
-                    "waiting",
-                    f"{where} has a takeover claim {claim}; waiting to see whether its "
-                    f"claimer is alive (up to {claim_abandoned_after(holder, needed):.3g} s)",
-                    claim=claim,
-                )
-            elif now - seen[2] >= claim_abandoned_after(holder, needed):
-                log.event(
-                    "claim_abandoned",
-                    f"takeover claim {claim} looks abandoned; trying the next one",
-                    level="warning",
-                    claim=claim,
-                )
-                attempt += 1
-            sleep(self._timings.poll)
+        outcome = remove_under_claim(self._lockfile, snapshot, holder, self._timings.poll, sleep)
+        return None if outcome.ok else f"now {_now_holds(outcome.found)}"
 
     def held_by_instance(self, instance: str) -> bool:
         snapshot = self._lockfile.read()
@@ -389,14 +326,15 @@ class FileBackend(Backend):
             and holder.instance == instance
         )
 
-    def _watch(
+    def watch_lock(
         self,
         snapshot: Snapshot,
         limit: float,
         sleep: Sleep,
         progress: Callable[[float], None] | None,
     ) -> tuple[str, float]:
-        """Watch the lock for up to `limit` seconds: ("moved" | "still", seconds watched)."""
+        """Watch the lock for up to `limit` seconds: ("moved" | "still", seconds watched).
+        A lock that is gone has moved too: a release then refuses, as for a heartbeat."""
         return watch(
             lambda: "moved" if self._lockfile.read() != snapshot else None,
             limit,
@@ -404,15 +342,6 @@ class FileBackend(Backend):
             sleep,
             progress,
         )
-
-
-def claim_name(holder: Holder | None, attempt: int | None) -> str:
-    """The takeover claim of `holder`'s lock state for `attempt` (a release uses the
-    first; None: the prefix of all attempts). It depends on the lock alone, so every
-    contender, releaser and the holder itself name the same claim for the same state:
-    `<generation + 1>-<attempt>`."""
-    generation = generation_of(holder) if holder is not None else 0
-    return f"{generation + 1}-{'' if attempt is None else attempt}"
 
 
 def _waiting_message(holder: Holder, silent: float, needed: float | None) -> str:
