@@ -28,11 +28,11 @@ from harness.fence import (
     path_state,
     read_text,
     tmpfs,
-    wait_for,
     write_file,
 )
 from harness.procs import Registry, alive
 from harness.records import holder_elsewhere
+from harness.waiting import wait_for
 from pgfence.record import LockRecord, parse
 
 pytestmark = pytest.mark.timeout(60)

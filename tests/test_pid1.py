@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from harness.fence import FAST, PGFENCE, PRINT_SIGNALS, clean_env, first_line, read_text, wait_for
+from harness.fence import FAST, PGFENCE, PRINT_SIGNALS, clean_env, first_line, read_text
 from harness.procs import Registry, alive
 from harness.sandbox import Sandbox
+from harness.waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.timeout(60)]
 

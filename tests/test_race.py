@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.fence import FAST, LIVE, PGFENCE, clean_env, read_text, wait_for, write_file
+from harness.fence import FAST, LIVE, PGFENCE, clean_env, read_text, write_file
 from harness.procs import Registry
+from harness.waiting import wait_for
 
 CONTENDERS = 16
 # The barrier: open the FIFO (blocks until the test opens its write end), then exec.

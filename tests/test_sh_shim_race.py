@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.fence import FAST, PGFENCE, clean_env, read_text, wait_for, write_file
+from harness.fence import FAST, PGFENCE, clean_env, read_text, write_file
 from harness.procs import Registry
+from harness.waiting import wait_for
 from test_race import BARRIER, CHILD, CONTENDERS, check_log, release_all
 from test_sh_shim import SHELLS, SHIM_TEXT, TOOLS
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
 ETCD = os.environ.get("PGFENCE_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("PGFENCE_TEST_ETCDCTL", "/usr/bin/etcdctl")
@@ -459,15 +460,6 @@ def events(log: str) -> list[Event]:
     return found
 
 
-def wait_for(what: str, predicate: object, timeout: float, interval: float = 0.05) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 def started(log: str, name: str, timeout: float) -> Event:
     """Wait for `name`'s child to log its start."""
     box: list[Event] = []
@@ -476,7 +468,7 @@ def started(log: str, name: str, timeout: float) -> Event:
         box[:] = [e for e in events(log) if e.kind == "start" and e.name == name]
         return bool(box)
 
-    wait_for(f"{name}'s child to start", seen, timeout)
+    wait_for(seen, f"{name}'s child to start", timeout, 0.05)
     return box[0]
 
 

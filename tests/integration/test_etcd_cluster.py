@@ -20,6 +20,7 @@ import pytest
 from conftest import PGFENCE, pgfence_run
 from harness import etcd as h
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -80,10 +81,11 @@ def test_16_contenders_without_waiting_exactly_one_holds_each_round(fleet: Fleet
     for round_ in range(3):
         names = [f"r{round_}c{i}" for i in range(16)]
         contenders = {n: fleet.start(n, "--no-wait", ttl=4) for n in names}
-        h.wait_for(
-            "15 of 16 contenders to give up",
+        wait_for(
             lambda c=contenders: sum(p.poll() is not None for p in c.values()) >= 15,
-            timeout=90,
+            "15 of 16 contenders to give up",
+            90,
+            0.05,
         )
         running = [n for n, p in contenders.items() if p.poll() is None]
         codes = {n: p.returncode for n, p in contenders.items() if n not in running}
@@ -210,7 +212,7 @@ def test_quorum_loss_fences_the_holder_and_after_recovery_exactly_one_runs(
         cluster.start_member(2, wait=False)
         cluster.wait_healthy()
         restarted = fleet.start("A2")
-        h.wait_for("one instance to start", lambda: len(fleet.starts()) >= 2, timeout=90)
+        wait_for(lambda: len(fleet.starts()) >= 2, "one instance to start", 90, 0.05)
         time.sleep(2 * TTL)  # the other keeps waiting behind the live holder
         after = [e for e in fleet.starts() if e.name != "A"]
         assert len(after) == 1, after

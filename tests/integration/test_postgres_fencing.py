@@ -23,7 +23,8 @@ from conftest import PGFENCE, needs_pg, needs_root, pgfence_run
 from harness import pg
 from harness.containers import Container, container_env, read_lock, sandbox_pid_uid
 from harness.procs import Registry
-from harness.watch import PostmasterWatch, wait_until
+from harness.waiting import wait_for
+from harness.watch import PostmasterWatch
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
 
@@ -157,10 +158,12 @@ def test_second_container_is_fenced_out_until_first_stops_cleanly(
     assert pg.postmaster_pids(site.datadir) == [postmaster]
 
     # Operators see a live holder; a plain release refuses to remove its lock.
-    wait_until(lambda: status(site.lock)["alive"] is True, "status to call pg-a alive")
-    wait_until(
+    wait_for(lambda: status(site.lock)["alive"] is True, "status to call pg-a alive", 60, 0.1)
+    wait_for(
         lambda: pgfence_run("check", "--lock-file", site.lock, "--token", "pg-a").returncode == 0,
         "pgfence check to call pg-a's hold healthy",
+        60,
+        0.1,
     )
     assert pgfence_run("check", "--lock-file", site.lock, "--token", "pg-b").returncode == 1
     refused = pgfence_run("release", "--lock-file", site.lock, timeout=120)
@@ -222,9 +225,11 @@ def test_killed_holder_is_silent_and_release_clears_it(site: Site) -> None:
     assert read_lock(site.lock) == killed  # refusing touched nothing
 
     # Same machine: status reads the holder's heartbeat age off the shared boot clock.
-    state = wait_until(
+    state = wait_for(
         lambda: (s := status(site.lock))["alive"] is False and s,
         "status to call the killed holder silent",
+        60,
+        0.1,
     )
     assert state["state"] == "held" and state["age_basis"] == "same-boot clock"
     holder = state["holder"]

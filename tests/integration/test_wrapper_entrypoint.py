@@ -30,7 +30,8 @@ from harness.containers import (
 )
 from harness.procs import Registry
 from harness.volume import changes, snapshot
-from harness.watch import PostmasterWatch, freeze, thaw, wait_until
+from harness.waiting import wait_for
+from harness.watch import PostmasterWatch, freeze, thaw
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
 
@@ -158,10 +159,11 @@ def test_wrapper_two_containers_start_together_on_an_empty_volume(
     entrypoint runs."""
     vol = Volume(procs, shared_dir, str(tmp_path))
     boxes = [vol.container("race-a"), vol.container("race-b")]
-    finished = wait_until(
+    finished = wait_for(
         lambda: [box for box, _ in boxes if box.returncode() is not None],
         "one of the two containers to be refused",
         timeout=90,
+        interval=0.1,
     )
     (loser,) = finished
     (winner, port) = next((box, port) for box, port in boxes if box is not loser)
