@@ -1,6 +1,7 @@
 """Acquisition by the POSIX sh shim is atomic: sixteen contenders released at once (sh
 shims in dash or busybox, or a mix of sh shims and `pgfence run`) yield exactly one
-holder, every round. The barrier and the log checks are test_race.py's.
+holder, every round. The barrier and the log checks are harness.race's, as in
+test_race.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,16 @@ import pytest
 
 from harness.fence import FAST, PGFENCE, clean_env, read_text, write_file
 from harness.procs import Registry
+from harness.race import (
+    BARRIER,
+    CHILD,
+    CONTENDERS,
+    check_generations,
+    check_log,
+    end_round,
+    release_all,
+)
 from harness.waiting import wait_for
-from test_race import BARRIER, CHILD, CONTENDERS, check_log, release_all
 from test_sh_shim import SHELLS, SHIM_TEXT, TOOLS
 
 # The winner's command: CHILD's start/end log lines and the generation it holds.
@@ -41,16 +50,6 @@ def shim_bin(tmp: Path, shell: str) -> str:
     return ":".join(map(str, (newbin, tools, real, "/usr/bin", "/bin")))
 
 
-def check_generations(log: str, lock: str, rounds: int) -> None:
-    """One generation per round, each larger than the last: a fencing token never
-    repeats. (Before only holders wrote <lock>.generation, a shim that lost a round and
-    stalled could lower it, and a later round repeated a generation: this caught it.)"""
-    generations = [int(g) for g in read_text(f"{log}.generations").split()]
-    assert len(generations) == rounds
-    assert all(a < b for a, b in zip(generations, generations[1:])), generations
-    assert int(read_text(f"{lock}.generation").split()[0]) >= generations[-1]
-
-
 def play_round(
     procs: Registry, tmp: Path, round_no: int, lock: str, kinds: list[str], log: str
 ) -> None:
@@ -69,19 +68,7 @@ def play_round(
         with open(tmp / f"err-{round_no}-{i}", "wb") as err:
             contenders.append(procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
     release_all(fifo, contenders)
-
-    def losers_done() -> bool:
-        return sum(p.poll() is not None for p in contenders) >= len(contenders) - 1
-
-    wait_for(losers_done, f"the losers of round {round_no} to exit", timeout=60)
-    write_file(go, b"")
-    codes = [p.wait(timeout=60) for p in contenders]
-    errors = [read_text(str(tmp / f"err-{round_no}-{i}")) for i in range(len(kinds))]
-    assert sorted(codes) == [0] + [73] * (len(kinds) - 1), list(zip(codes, kinds, errors))
-    for code, err in zip(codes, errors):
-        assert "Traceback" not in err
-        if code == 73:
-            assert "fenced out" in err.splitlines()[-1]
+    codes = end_round(tmp, round_no, contenders, kinds)
     winner = kinds[codes.index(0)]
     if winner == "pgfence":
         assert not os.path.exists(lock)  # released
