@@ -182,6 +182,15 @@ def test_configs_style_shim_mounted_at_newbin(images, stack, tmp_path) -> None:
     standins.build_zipapp(pyz)
     doc["configs"]["pgfence-shim"] = {"file": str(pyz)}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    holder = _one_holder_with_the_shim(path, stack)
+    # The stack is in lease mode: the other task waits for the lease, it does not exit.
+    other = [c for c in containers(stack) if c["slot"] != holder]
+    assert other and all(c["running"] for c in other), [d.logs(c["id"]) for c in other]
+
+
+def _one_holder_with_the_shim(path: Path, stack: str) -> int:
+    """Deploy `path` one task then two; exactly one serves, with the shim at
+    /newbin/postgres (mode 555), and holds the lock. Returns its slot."""
     _deploy_one_then_two(path, stack)
     holder = _sustained_one_server(20)
     (running,) = [c for c in containers(stack) if c["slot"] == holder and c["running"]]
@@ -189,9 +198,7 @@ def test_configs_style_shim_mounted_at_newbin(images, stack, tmp_path) -> None:
     assert mode.strip() == "555"
     lock = dp.lock_text(f"{stack}_pgdata")
     assert lock is not None and lock.startswith(f"pg-{_node_hostname()}-{holder}\n"), lock
-    # The stack is in lease mode: the other task waits for the lease, it does not exit.
-    other = [c for c in containers(stack) if c["slot"] != holder]
-    assert other and all(c["running"] for c in other), [d.logs(c["id"]) for c in other]
+    return holder
 
 
 def _deploy_one_then_two(path: Path, stack: str) -> None:
@@ -295,13 +302,7 @@ def test_configs_style_sh_shim_in_the_official_image_without_python(
     for key in ("FENCE_MODE", "FENCE_LEASE_TTL"):
         svc["environment"].pop(key, None)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    _deploy_one_then_two(path, stack)
-    holder = _sustained_one_server(20)
-    (running,) = [c for c in containers(stack) if c["slot"] == holder and c["running"]]
-    mode = d.docker("exec", running["id"], "stat", "-c", "%a", "/newbin/postgres").stdout
-    assert mode.strip() == "555"
-    lock = dp.lock_text(f"{stack}_pgdata")
-    assert lock is not None and lock.startswith(f"pg-{_node_hostname()}-{holder}\n"), lock
+    holder = _one_holder_with_the_shim(path, stack)
     wait_for(lambda: _exited(stack, holder), "the second task exits", 60, 0.5)
     fenced = _exited(stack, holder)
     wrong = [(c, d.logs(c["id"])[-2500:]) for c in fenced if c["exit"] != 73]
