@@ -27,6 +27,7 @@ from harness.fence import (
     marker_command,
     path_state,
     read_text,
+    run_args,
     tmpfs,
     write_file,
 )
@@ -51,15 +52,7 @@ def run(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return pgfence_run(
-        "run",
-        "--lock-file",
-        lock,
-        "--token",
-        token,
-        *extra,
-        "--",
-        *command,
-        env=clean_env() if env is None else env,
+        *run_args(lock, token, *command, extra=extra), env=clean_env() if env is None else env
     )
 
 

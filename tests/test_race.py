@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.fence import FAST, LIVE, PGFENCE, clean_env, read_text, write_file
+from harness.fence import FAST, LIVE, PGFENCE, clean_env, read_text, run_args, write_file
 from harness.procs import Registry
 from harness.race import (
     BARRIER,
@@ -42,8 +42,8 @@ def play_round(
     go = str(tmp / f"go-{round_no}")
     contenders = []
     for i, token in enumerate(tokens):
-        argv = ["sh", "-c", BARRIER, fifo, PGFENCE, "run", "--lock-file", lock]
-        argv += ["--token", token, *extra, "--", "sh", "-c", CHILD, str(round_no), log, go]
+        child = ["sh", "-c", CHILD, str(round_no), log, go]
+        argv = ["sh", "-c", BARRIER, fifo, PGFENCE, *run_args(lock, token, *child, extra=extra)]
         with open(tmp / f"err-{round_no}-{i}", "wb") as err:
             contenders.append(
                 procs.start(argv, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err)

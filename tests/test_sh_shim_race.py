@@ -12,22 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.fence import FAST, PGFENCE, clean_env, read_text, write_file
+from harness import race
+from harness.fence import FAST, PGFENCE, clean_env, read_text, run_args, write_file
 from harness.procs import Registry
-from harness.race import (
-    BARRIER,
-    CHILD,
-    CONTENDERS,
-    check_generations,
-    check_log,
-    end_round,
-    release_all,
-)
 from harness.waiting import wait_for
 from test_sh_shim import SHELLS, SHIM_TEXT, TOOLS
 
-# The winner's command: CHILD's start/end log lines and the generation it holds.
-WINNER = CHILD
+# The winner's command: race.CHILD's start/end log lines and the generation it holds.
+WINNER = race.CHILD
 # The real postgres of the shim's contenders runs the same.
 assert "'" not in WINNER
 REAL_POSTGRES = f"#!/bin/sh\nexec sh -c '{WINNER}' \"$@\"\n"
@@ -59,16 +51,23 @@ def play_round(
     for i, kind in enumerate(kinds):
         token = f"db-{i}"
         if kind == "pgfence":
-            argv = ["sh", "-c", BARRIER, fifo, PGFENCE, "run", "--lock-file", lock]
-            argv += ["--token", token, *FAST, "--", "sh", "-c", WINNER, str(round_no), log, go]
+            child = ["sh", "-c", WINNER, str(round_no), log, go]
+            argv = [
+                "sh",
+                "-c",
+                race.BARRIER,
+                fifo,
+                PGFENCE,
+                *run_args(lock, token, *child, extra=FAST),
+            ]
             env = clean_env()
         else:
-            argv = ["sh", "-c", BARRIER, fifo, "postgres", str(round_no), log, go]
+            argv = ["sh", "-c", race.BARRIER, fifo, "postgres", str(round_no), log, go]
             env = clean_env(PATH=shim_bin(tmp, kind), FENCE_LOCK_FILE=lock, FENCE_VARIABLE=token)
         with open(tmp / f"err-{round_no}-{i}", "wb") as err:
             contenders.append(procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
-    release_all(fifo, contenders)
-    codes = end_round(tmp, round_no, contenders, kinds)
+    race.release_all(fifo, contenders)
+    codes = race.end_round(tmp, round_no, contenders, kinds)
     winner = kinds[codes.index(0)]
     if winner == "pgfence":
         assert not os.path.exists(lock)  # released
@@ -85,9 +84,9 @@ def test_sh_shims_race_for_a_free_lock(procs: Registry, tmp_path: Path, shell: s
     log = str(tmp_path / "log")
     rounds = 15
     for round_no in range(rounds):
-        play_round(procs, tmp_path, round_no, lock, [shell] * CONTENDERS, log)
-    check_log(log, rounds)
-    check_generations(log, lock, rounds)
+        play_round(procs, tmp_path, round_no, lock, [shell] * race.CONTENDERS, log)
+    race.check_log(log, rounds)
+    race.check_generations(log, lock, rounds)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
 
 
@@ -96,12 +95,12 @@ def test_sh_shims_and_pgfence_race_for_a_free_lock(procs: Registry, tmp_path: Pa
     os.mkfifo(tmp_path / "barrier")
     lock = str(tmp_path / "fence_lock")
     log = str(tmp_path / "log")
-    kinds = ["pgfence", "dash", "busybox", "dash"] * (CONTENDERS // 4)
+    kinds = ["pgfence", "dash", "busybox", "dash"] * (race.CONTENDERS // 4)
     rounds = 10
     for round_no in range(rounds):
         play_round(procs, tmp_path, round_no, lock, kinds, log)
-    check_log(log, rounds)
-    check_generations(log, lock, rounds)  # whoever wins
+    race.check_log(log, rounds)
+    race.check_generations(log, lock, rounds)  # whoever wins
 
 
 @pytest.mark.timeout(120)
@@ -113,12 +112,12 @@ def test_same_token_shims_create_the_lock_once(procs: Registry, tmp_path: Path) 
     lock = str(tmp_path / "fence_lock")
     path = shim_bin(tmp_path, "dash")
     contenders = []
-    for i in range(CONTENDERS):
+    for i in range(race.CONTENDERS):
         with open(tmp_path / f"err-{i}", "wb") as err:
             argv = [
                 "sh",
                 "-c",
-                BARRIER,
+                race.BARRIER,
                 fifo,
                 "postgres",
                 "0",
@@ -128,9 +127,9 @@ def test_same_token_shims_create_the_lock_once(procs: Registry, tmp_path: Path) 
             env = clean_env(PATH=path, FENCE_LOCK_FILE=lock, FENCE_VARIABLE="db-1")
             contenders.append(procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
     write_file(str(tmp_path / "go"), b"")
-    release_all(fifo, contenders)
-    assert [p.wait(timeout=60) for p in contenders] == [0] * CONTENDERS
-    errors = [read_text(str(tmp_path / f"err-{i}")) for i in range(CONTENDERS)]
+    race.release_all(fifo, contenders)
+    assert [p.wait(timeout=60) for p in contenders] == [0] * race.CONTENDERS
+    errors = [read_text(str(tmp_path / f"err-{i}")) for i in range(race.CONTENDERS)]
     assert sum("acquired" in e for e in errors) == 1, errors
     assert read_text(lock + ".generation").split()[0] == "1"
 
@@ -156,13 +155,13 @@ def test_negative_control_check_then_write_lets_several_start(
     )
     log = str(tmp_path / "log")
     contenders = []
-    for i in range(CONTENDERS):
-        argv = ["sh", "-c", BARRIER, fifo, "postgres", "0", log, str(tmp_path / "go")]
+    for i in range(race.CONTENDERS):
+        argv = ["sh", "-c", race.BARRIER, fifo, "postgres", "0", log, str(tmp_path / "go")]
         env = clean_env(PATH=path, FENCE_LOCK_FILE=lock, FENCE_VARIABLE=f"db-{i}")
         contenders.append(
             procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
-    release_all(fifo, contenders)
+    race.release_all(fifo, contenders)
     wait_for(lambda: read_text(log).count("start") >= 2, "a second contender to start")
     write_file(str(tmp_path / "go"), b"")
     for p in contenders:

@@ -36,6 +36,12 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def run_args(lock: str, token: str, *command: str, extra: Sequence[str] = ()) -> list[str]:
+    """The arguments of `pgfence run` on the lock file `lock` as `token`; `extra` are
+    more options (FAST, say)."""
+    return ["run", "--lock-file", lock, "--token", token, *extra, "--", *command]
+
+
 def read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -137,20 +143,7 @@ class Holder:
         script = (
             'echo $$ > "$0.tmp" && mv "$0.tmp" "$0"; while [ ! -e "$0.exit" ]; do sleep 0.05; done'
         )
-        argv = [
-            PGFENCE,
-            "run",
-            "--lock-file",
-            lock,
-            "--token",
-            token,
-            *extra,
-            "--",
-            "sh",
-            "-c",
-            script,
-            marker,
-        ]
+        argv = [PGFENCE, *run_args(lock, token, "sh", "-c", script, marker, extra=extra)]
         with open(self.stderr_path, "wb") as err:
             self.proc = procs.start(argv, env=env or clean_env(), stderr=err)
         self.child_pid = int(
