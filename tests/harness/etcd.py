@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -22,8 +21,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from harness.pg import free_port
 from harness.procs import Registry, alive
 from harness.waiting import wait_for
+from harness.writer import boottime
 
 ETCD = os.environ.get("PGFENCE_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("PGFENCE_TEST_ETCDCTL", "/usr/bin/etcdctl")
@@ -35,16 +36,6 @@ ELECTION_MS = int(os.environ.get("PGFENCE_TEST_ELECTION_MS", "250"))
 
 def available() -> bool:
     return os.access(ETCD, os.X_OK) and os.access(ETCDCTL, os.X_OK)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def boottime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 # -- TLS -----------------------------------------------------------------------------------
