@@ -30,7 +30,7 @@ from harness.faults import (
     steal_lock,
     write_atomically,
 )
-from harness.procs import Registry, alive
+from harness.procs import Registry, alive, stat_fields
 from harness.sandbox import Sandbox
 from harness.waiting import wait_for
 from harness.writer import GENERATION_SETTING, SCHEMA, boottime
@@ -184,12 +184,8 @@ class Node:
         if not self.fenced:
             return init
         for pid in self.box.pids():
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(b")") + 2 :].split()[1]) == init:
+            fields = stat_fields(pid)
+            if fields is not None and int(fields[1]) == init:
                 return pid
         raise AssertionError(f"{self.name}: no server process")
 

@@ -7,6 +7,7 @@ import signal
 import threading
 
 from harness import pg
+from harness.procs import stat_fields
 from harness.sandbox import Sandbox
 from harness.waiting import wait_for
 
@@ -57,12 +58,8 @@ class PostmasterWatch:
 
 
 def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rfind(b")") + 2 :].split()[0].decode()
+    fields = stat_fields(pid)
+    return None if fields is None else fields[0].decode()
 
 
 def freeze(box: Sandbox, timeout: float = 30.0) -> None:

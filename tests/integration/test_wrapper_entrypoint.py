@@ -28,7 +28,7 @@ from harness.containers import (
     sandbox_pid_uid,
     server_args,
 )
-from harness.procs import Registry
+from harness.procs import Registry, stat_fields
 from harness.volume import changes, snapshot
 from harness.waiting import wait_for
 from harness.watch import PostmasterWatch, freeze, thaw
@@ -197,9 +197,8 @@ def test_wrapper_and_shim_nested(
     # No second supervisor: the server is PID 1's own child, in the fence it names.
     init = a.init_pid()
     (postmaster,) = pg.postmaster_pids(vol.pgdata)
-    with open(f"/proc/{postmaster}/stat", "rb") as f:
-        stat = f.read()
-    assert int(stat[stat.rfind(b")") + 2 :].split()[1]) == init
+    fields = stat_fields(postmaster)
+    assert fields is not None and int(fields[1]) == init
     with open(f"/proc/{postmaster}/environ", "rb") as f:
         environ = dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
     assert environ["PGFENCE_INSTANCE"] == held["instance"]
