@@ -104,6 +104,13 @@ def psql(
     )
 
 
+def query(port: int, sql: str) -> str:
+    """What `sql` prints, trimmed; fails the test if psql fails."""
+    result = psql(port, sql, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def is_ready(port: int) -> bool:
     try:
         return psql(port, "select 1", timeout=5).stdout.strip() == "1"

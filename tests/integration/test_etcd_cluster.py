@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import PGFENCE, pgfence_run
+from conftest import PGFENCE, needs_etcd, pgfence_run
 from harness import etcd as h
 from harness.etcd_fleet import TTL, Fleet, own_cluster, running
 from harness.procs import Registry, alive
@@ -24,7 +24,7 @@ from harness.waiting import wait_for
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
+    needs_etcd,
 ]
 
 

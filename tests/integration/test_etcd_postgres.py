@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import PGFENCE, needs_pg, needs_root
+from conftest import PGFENCE, needs_etcd, needs_pg, needs_root
 from harness import etcd as h
 from harness import pg
 from harness.procs import Registry, alive
@@ -25,7 +25,7 @@ pytestmark = [
     needs_root,
     needs_pg,
     pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
+    needs_etcd,
 ]
 TTL = 3.0
 

@@ -18,13 +18,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import PGFENCE, pgfence_run
+from conftest import PGFENCE, needs_etcd, pgfence_run
 from harness import etcd as h
 from harness.procs import Registry
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
+    needs_etcd,
 ]
 TTL = 3.0
 USER = "fence"

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from conftest import needs_root
+from conftest import needs_root, pgfence_run
 from harness.fence import clean_env
 from harness.lease import DEADLINE, PGFENCE, POLL, TAKEOVER_WAIT, TTL, events, read_lock
 from harness.procs import Registry, alive
@@ -281,13 +281,8 @@ def test_a_crash_at_any_call_of_an_acquisition_never_repeats_a_generation(
             left = _generation_in(lock_path)
             handed_out += new + ([left] if left is not None and left not in new else [])
             assert status == -9, f"{call} #{occurrence} of {count}: exit {status}"
-            done = subprocess.run(
-                [PGFENCE, "release", "--force", "--lock-file", lock_path, "--token", "op"],
-                env=clean_env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            release = ("release", "--force", "--lock-file", lock_path, "--token", "op")
+            done = pgfence_run(*release, env=clean_env(), timeout=60)
             assert done.returncode == 0, done.stderr
             assert handed_out == sorted(set(handed_out)), (call, occurrence, handed_out)
     _prepare(lock_path, start)

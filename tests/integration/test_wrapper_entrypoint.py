@@ -82,12 +82,6 @@ class Volume:
         return box, port
 
 
-def query(port: int, sql: str) -> str:
-    result = pg.psql(port, sql, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def stop(box: Container, signum: int = signal.SIGTERM) -> None:
     os.kill(box.init_pid(), signum)
     assert box.wait(timeout=90) == 0, box.log()
@@ -124,7 +118,7 @@ def test_wrapper_fences_initdb_and_server(procs: Registry, shared_dir: str, tmp_
     # The lock came first, then the entrypoint initialised the empty volume under it.
     assert log_a.index("acquired") < log_a.index("entrypoint: initialising")
     assert "init process complete" in log_a
-    assert query(port_a, "SELECT host FROM fence_init") == "wrap-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "wrap-a"
     held = read_lock(vol.lock)
     assert held is not None and held["token"] == "wrap-a" and held["pid"] == "1"
     assert held["generation"] == "1"
@@ -134,14 +128,14 @@ def test_wrapper_fences_initdb_and_server(procs: Registry, shared_dir: str, tmp_
     assert sandbox_pid_uid(postmaster) != 0
 
     assert_refused_untouched(vol, a, "wrap-b")
-    query(port_a, "INSERT INTO fence_init (host) VALUES ('a after b')")
+    pg.query(port_a, "INSERT INTO fence_init (host) VALUES ('a after b')")
     assert pg.postmaster_pids(vol.pgdata) == [postmaster]
 
     stop(a)
     assert read_lock(vol.lock) is None
     b, port_b = vol.serving("wrap-b")
     assert "skipping initialisation" in b.log()
-    assert query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init") == (
+    assert pg.query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init") == (
         "a after b,wrap-a"
     )
     held_b = read_lock(vol.lock)
@@ -170,7 +164,7 @@ def test_wrapper_two_containers_start_together_on_an_empty_volume(
     assert loser.wait(timeout=10) == 73, loser.log()
     assert "entrypoint:" not in loser.log()
     pg.wait_ready(port, timeout=90, proc=winner.proc)
-    assert query(port, "SELECT host FROM fence_init") == winner.name
+    assert pg.query(port, "SELECT host FROM fence_init") == winner.name
     assert winner.log().count("entrypoint: initialising") == 1
     stop(winner)
 
@@ -190,7 +184,7 @@ def test_wrapper_and_shim_nested(
     log_a = a.log()
     assert f"running {pg.PG_BIN}/postgres directly" in log_a, log_a
     assert "fenced out" not in log_a
-    assert query(port_a, "SELECT host FROM fence_init") == "nest-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "nest-a"
     held = read_lock(vol.lock)
     token = "nest-a-by-flag" if flags else "nest-a"
     assert held is not None and held["token"] == token and held["generation"] == "1"
