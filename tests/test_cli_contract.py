@@ -84,6 +84,21 @@ def refused_untouched(
     return line
 
 
+def refused_beside_live_holder(
+    lock: str, tmp_path: Path, procs: Registry, token: str, *needles: str
+) -> Holder:
+    """With a live holder of `token`, `run` as db-1 is refused (73, one line with
+    `needles`, nothing started) and the holder is unharmed: it still heartbeats."""
+    holder = Holder(procs, lock, token, str(tmp_path / "holder"))
+    marker = str(tmp_path / "started")
+    done = run(lock, "db-1", *marker_command(marker))
+    assert done.returncode == 73
+    assert_one_line_error(done.stderr, *needles)
+    assert not os.path.exists(marker)
+    holder.wait_beat()
+    return holder
+
+
 # -- run: who may start -----------------------------------------------------------------
 
 
@@ -114,13 +129,7 @@ def test_one_line_lock_of_another_token_is_refused(
 def test_live_holder_of_another_token_refuses_start(
     lock: str, tmp_path: Path, procs: Registry
 ) -> None:
-    holder = Holder(procs, lock, "db-2", str(tmp_path / "holder"))
-    marker = str(tmp_path / "started")
-    done = run(lock, "db-1", *marker_command(marker))
-    assert done.returncode == 73
-    assert_one_line_error(done.stderr, "fenced out", "'db-2'")
-    assert not os.path.exists(marker)
-    holder.wait_beat()  # the holder is unharmed and still heartbeating
+    holder = refused_beside_live_holder(lock, tmp_path, procs, "db-2", "fenced out", "'db-2'")
     assert first_line(lock) == "db-2"
     assert holder.finish() == 0
     assert not os.path.exists(lock)
@@ -157,13 +166,9 @@ def test_killed_holder_leaves_lock_and_new_token_is_refused(
 def test_same_token_live_other_instance_is_refused(
     lock: str, tmp_path: Path, procs: Registry
 ) -> None:
-    holder = Holder(procs, lock, "db-1", str(tmp_path / "holder"))
-    marker = str(tmp_path / "started")
-    done = run(lock, "db-1", *marker_command(marker))
-    assert done.returncode == 73
-    assert_one_line_error(done.stderr, "same token", "FENCE_VARIABLE")
-    assert not os.path.exists(marker)
-    holder.wait_beat()
+    holder = refused_beside_live_holder(
+        lock, tmp_path, procs, "db-1", "same token", "FENCE_VARIABLE"
+    )
     assert holder.finish() == 0
 
 

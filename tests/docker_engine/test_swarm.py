@@ -129,12 +129,17 @@ def _sustained_one_server(seconds: float) -> int:
     return slots.pop()
 
 
+def _one_of_two_serving(image: str, file: str, tmp_path: Path, stack: str) -> int:
+    """Deploy `file`'s two replicas of `image`; once one task serves, it must be the only
+    one for 30 s. Returns its slot."""
+    deploy(local_stack(file, image, tmp_path), stack)
+    wait_for(lambda: len(serving_slots()) == 1, "one task serving", 120, 0.5)
+    return _sustained_one_server(30)
+
+
 @pytest.mark.timeout(400)
 def test_strict_stack_two_replicas_one_serves_other_exits_73(images, stack, tmp_path) -> None:
-    image = images.image("fence", MAJOR)
-    deploy(local_stack("stack.strict.yaml", image, tmp_path), stack)
-    wait_for(lambda: len(serving_slots()) == 1, "one task serving", 120, 0.5)
-    holder = _sustained_one_server(30)
+    holder = _one_of_two_serving(images.image("fence", MAJOR), "stack.strict.yaml", tmp_path, stack)
     fenced = _exited(stack, holder)
     assert fenced, "the other task never exited"
     assert {c["exit"] for c in fenced} == {73}, fenced
@@ -144,10 +149,7 @@ def test_strict_stack_two_replicas_one_serves_other_exits_73(images, stack, tmp_
 
 @pytest.mark.timeout(400)
 def test_lease_stack_two_replicas_one_serves_other_waits(images, stack, tmp_path) -> None:
-    image = images.image("fence", MAJOR)
-    deploy(local_stack("stack.lease.yaml", image, tmp_path), stack)
-    wait_for(lambda: len(serving_slots()) == 1, "one task serving", 120, 0.5)
-    holder = _sustained_one_server(30)
+    holder = _one_of_two_serving(images.image("fence", MAJOR), "stack.lease.yaml", tmp_path, stack)
     other = [c for c in containers(stack) if c["slot"] != holder]
     # Waiting, never exited.
     assert other and all(c["running"] for c in other), [(c, d.logs(c["id"])) for c in other]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,11 @@ class Fleet:
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
+
+    def stop(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        """SIGTERM to `name`'s pgfence: it stops its child, releases, and exits 0."""
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, self.stderr(name)
 
     def stderr(self, name: str) -> str:
         with open(os.path.join(self.dir, f"{name}.stderr")) as f:

@@ -233,12 +233,7 @@ def pg_amcheck(port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             os.path.join(pg.PG_BIN, "pg_amcheck"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
+            *pg.client_args(port),
             "--all",
             "--install-missing",
             "--heapallindexed",

@@ -80,18 +80,18 @@ def server_argv(datadir: str, port: int, socket_dir: str, *extra: str) -> list[s
     ]
 
 
+def client_args(port: int) -> list[str]:
+    """How a client program (psql, pg_amcheck) reaches the test server on `port`."""
+    return ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+
+
 def psql(
     port: int, sql: str, timeout: float = 10.0, db: str = "postgres"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             os.path.join(PG_BIN, "psql"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
+            *client_args(port),
             "-d",
             db,
             "-XAtqc",

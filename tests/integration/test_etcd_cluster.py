@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,10 +21,7 @@ from harness.etcd_fleet import TTL, Fleet, own_cluster, running
 from harness.procs import Registry, alive
 from harness.waiting import wait_for
 
-pytestmark = [
-    pytest.mark.integration,
-    needs_etcd,
-]
+pytestmark = [pytest.mark.integration, needs_etcd]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +55,7 @@ def test_16_contenders_without_waiting_exactly_one_holds_each_round(fleet: Fleet
         start = h.started(fleet.log, winner, timeout=30)
         assert [e.name for e in fleet.starts() if e.name in names] == [winner]
         generations.append(start.generation)
-        contenders[winner].send_signal(signal.SIGTERM)
-        assert contenders[winner].wait(timeout=30) == 0, fleet.stderr(winner)
+        fleet.stop(contenders[winner], winner)
     assert generations == sorted(set(generations))
 
 

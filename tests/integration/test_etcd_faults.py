@@ -26,10 +26,7 @@ from harness import etcd as h
 from harness.etcd_fleet import TTL, Fleet, own_cluster, running
 from harness.procs import Registry, alive
 
-pytestmark = [
-    pytest.mark.integration,
-    needs_etcd,
-]
+pytestmark = [pytest.mark.integration, needs_etcd]
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +177,7 @@ def test_the_shortest_ttl_survives_leader_crashes(procs: Registry, tmp_path: obj
             assert holder.poll() is None, fleet.stderr("A")
             cluster.start_member(crashed)
         assert "self_fenced" not in fleet.stderr("A") and len(fleet.starts()) == 1
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
+        fleet.stop(holder, "A")
 
 
 # -- 6. a full etcd database ------------------------------------------------------------------
@@ -218,8 +214,7 @@ def test_a_full_etcd_keeps_its_holder_and_says_so_to_a_new_one(
         refused = pgfence_run("run", "--no-wait", "--", "true", env=other.env("B"))
         assert refused.returncode == 74, refused.stderr
         assert "database is full" in refused.stderr and "no etcd endpoint" not in refused.stderr
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
+        fleet.stop(holder, "A")
 
 
 # -- 3. credential changes mid-hold -----------------------------------------------------------
@@ -264,8 +259,7 @@ def test_user_changes_and_a_rotated_password_do_not_fence_the_holder(
         time.sleep(2 * TTL)
         assert holder.poll() is None and alive(a.pid), fleet.stderr("A")
         assert "lost the lock" not in fleet.stderr("A")
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
+        fleet.stop(holder, "A")
 
 
 # -- 1, as it happens: an etcd leader stuck in fdatasync revokes a renewed lease -------------
@@ -365,8 +359,7 @@ def test_a_client_certificate_replaced_mid_hold_is_used_for_new_connections(
         time.sleep(4.0)
         assert holder.poll() is None and alive(a.pid), fleet.stderr("A")
         assert "read the etcd TLS files again" in fleet.stderr("A")
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
+        fleet.stop(holder, "A")
 
 
 # -- 4. the generation across a restore, a new cluster and a switch of backends -------------

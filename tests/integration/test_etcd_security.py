@@ -22,10 +22,7 @@ from conftest import PGFENCE, needs_etcd, pgfence_run
 from harness import etcd as h
 from harness.procs import Registry
 
-pytestmark = [
-    pytest.mark.integration,
-    needs_etcd,
-]
+pytestmark = [pytest.mark.integration, needs_etcd]
 TTL = 3.0
 USER = "fence"
 PASSWORD = "s3cret-" + uuid.uuid4().hex  # must never show up in argv, env or messages

@@ -56,7 +56,7 @@ class GosuServer:
         (self.postmaster,) = [int(p) for p in children if int(p) != self.guardian]
         assert self.postmaster in pg.postmaster_pids(datadir)
         self.client = procs.start(
-            [PSQL, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-Xqc", SLEEP],
+            [PSQL, *pg.client_args(self.port), "-Xqc", SLEEP],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
