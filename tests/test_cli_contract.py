@@ -331,6 +331,20 @@ def test_release_of_a_free_lock(lock: str) -> None:
     assert "nothing to release" in done.stdout
 
 
+def watching_release(procs: Registry, lock: str, err: str) -> subprocess.Popen[bytes]:
+    """`pgfence release` as db-1, started in the background (stderr to `err`), once it
+    shows its progress: it is watching the holder's heartbeat stay silent."""
+    with open(err, "wb") as stream:
+        release = procs.start(
+            [PGFENCE, "release", "--lock-file", lock, "--token", "db-1"],
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    wait_for(lambda: "heartbeat silent" in read_text(err), "release to show its progress")
+    return release
+
+
 def test_release_refuses_a_live_holder_while_showing_progress(
     lock: str, tmp_path: Path, procs: Registry
 ) -> None:
@@ -340,14 +354,7 @@ def test_release_refuses_a_live_holder_while_showing_progress(
     holder.proc.send_signal(signal.SIGSTOP)
     try:
         err = str(tmp_path / "release.err")
-        with open(err, "wb") as stream:
-            release = procs.start(
-                [PGFENCE, "release", "--lock-file", lock, "--token", "db-1"],
-                env=clean_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=stream,
-            )
-        wait_for(lambda: "heartbeat silent" in read_text(err), "release to show its progress")
+        release = watching_release(procs, lock, err)
         assert release.poll() is None
     finally:
         holder.proc.send_signal(signal.SIGCONT)
@@ -368,14 +375,7 @@ def test_release_refuses_when_the_lock_changes_while_watched(
     holder_record = holder_elsewhere(interval=2.0)
     write_file(lock, holder_record.encode())
     err = str(tmp_path / "release.err")
-    with open(err, "wb") as stream:
-        release = procs.start(
-            [PGFENCE, "release", "--lock-file", lock, "--token", "db-1"],
-            env=clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=stream,
-        )
-    wait_for(lambda: "heartbeat silent" in read_text(err), "release to be watching")
+    release = watching_release(procs, lock, err)
     newer = holder_record.next_beat(6.0, "2026-01-01T00:00:11Z").encode()
     write_file(lock + ".new", newer)
     os.rename(lock + ".new", lock)
