@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Literal, TypeVar
 
 T = TypeVar("T")
 
 
 def wait_for(
-    predicate: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.02
+    predicate: Callable[[], T | Literal[False] | None],
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.02,
 ) -> T:
     """Call `predicate` every `interval` seconds until it returns something truthy, and
-    return that; fail after `timeout` seconds, saying it was waiting for `what`."""
+    return that (so not None nor False); fail after `timeout` seconds, saying it was
+    waiting for `what`."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
