@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import pg
+from harness import etcd, pg
 from harness.procs import Registry
 
 BIN_DIR = os.path.dirname(sys.executable)
@@ -54,6 +54,9 @@ def shared_dir(request: pytest.FixtureRequest) -> Iterator[str]:
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, gosu)")
 needs_pg = pytest.mark.skipif(not pg.available(), reason="needs postgresql-15 and gosu")
+needs_etcd = pytest.mark.skipif(
+    not etcd.available(), reason="needs etcd and etcdctl (Debian etcd-server)"
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from harness import pg
-from harness.fence import PGFENCE, clean_env, lock_fields, wait_for
+from harness.fence import PGFENCE, clean_env, lock_fields
 from harness.procs import Registry
+from harness.waiting import wait_for
 from pgfence import clock, localholder
 from pgfence.metrics import Metrics
 

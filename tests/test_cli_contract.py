@@ -27,12 +27,13 @@ from harness.fence import (
     marker_command,
     path_state,
     read_text,
+    run_args,
     tmpfs,
-    wait_for,
     write_file,
 )
 from harness.procs import Registry, alive
 from harness.records import holder_elsewhere
+from harness.waiting import wait_for
 from pgfence.record import LockRecord, parse
 
 pytestmark = pytest.mark.timeout(60)
@@ -51,15 +52,7 @@ def run(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return pgfence_run(
-        "run",
-        "--lock-file",
-        lock,
-        "--token",
-        token,
-        *extra,
-        "--",
-        *command,
-        env=clean_env() if env is None else env,
+        *run_args(lock, token, *command, extra=extra), env=clean_env() if env is None else env
     )
 
 
@@ -89,6 +82,21 @@ def refused_untouched(
     assert not os.path.exists(marker), "the command was started"
     assert path_state(lock) == before, "the lock path was changed"
     return line
+
+
+def refused_beside_live_holder(
+    lock: str, tmp_path: Path, procs: Registry, token: str, *needles: str
+) -> Holder:
+    """With a live holder of `token`, `run` as db-1 is refused (73, one line with
+    `needles`, nothing started) and the holder is unharmed: it still heartbeats."""
+    holder = Holder(procs, lock, token, str(tmp_path / "holder"))
+    marker = str(tmp_path / "started")
+    done = run(lock, "db-1", *marker_command(marker))
+    assert done.returncode == 73
+    assert_one_line_error(done.stderr, *needles)
+    assert not os.path.exists(marker)
+    holder.wait_beat()
+    return holder
 
 
 # -- run: who may start -----------------------------------------------------------------
@@ -121,13 +129,7 @@ def test_one_line_lock_of_another_token_is_refused(
 def test_live_holder_of_another_token_refuses_start(
     lock: str, tmp_path: Path, procs: Registry
 ) -> None:
-    holder = Holder(procs, lock, "db-2", str(tmp_path / "holder"))
-    marker = str(tmp_path / "started")
-    done = run(lock, "db-1", *marker_command(marker))
-    assert done.returncode == 73
-    assert_one_line_error(done.stderr, "fenced out", "'db-2'")
-    assert not os.path.exists(marker)
-    holder.wait_beat()  # the holder is unharmed and still heartbeating
+    holder = refused_beside_live_holder(lock, tmp_path, procs, "db-2", "fenced out", "'db-2'")
     assert first_line(lock) == "db-2"
     assert holder.finish() == 0
     assert not os.path.exists(lock)
@@ -164,13 +166,9 @@ def test_killed_holder_leaves_lock_and_new_token_is_refused(
 def test_same_token_live_other_instance_is_refused(
     lock: str, tmp_path: Path, procs: Registry
 ) -> None:
-    holder = Holder(procs, lock, "db-1", str(tmp_path / "holder"))
-    marker = str(tmp_path / "started")
-    done = run(lock, "db-1", *marker_command(marker))
-    assert done.returncode == 73
-    assert_one_line_error(done.stderr, "same token", "FENCE_VARIABLE")
-    assert not os.path.exists(marker)
-    holder.wait_beat()
+    holder = refused_beside_live_holder(
+        lock, tmp_path, procs, "db-1", "same token", "FENCE_VARIABLE"
+    )
     assert holder.finish() == 0
 
 
@@ -333,6 +331,20 @@ def test_release_of_a_free_lock(lock: str) -> None:
     assert "nothing to release" in done.stdout
 
 
+def watching_release(procs: Registry, lock: str, err: str) -> subprocess.Popen[bytes]:
+    """`pgfence release` as db-1, started in the background (stderr to `err`), once it
+    shows its progress: it is watching the holder's heartbeat stay silent."""
+    with open(err, "wb") as stream:
+        release = procs.start(
+            [PGFENCE, "release", "--lock-file", lock, "--token", "db-1"],
+            env=clean_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=stream,
+        )
+    wait_for(lambda: "heartbeat silent" in read_text(err), "release to show its progress")
+    return release
+
+
 def test_release_refuses_a_live_holder_while_showing_progress(
     lock: str, tmp_path: Path, procs: Registry
 ) -> None:
@@ -342,14 +354,7 @@ def test_release_refuses_a_live_holder_while_showing_progress(
     holder.proc.send_signal(signal.SIGSTOP)
     try:
         err = str(tmp_path / "release.err")
-        with open(err, "wb") as stream:
-            release = procs.start(
-                [PGFENCE, "release", "--lock-file", lock, "--token", "db-1"],
-                env=clean_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=stream,
-            )
-        wait_for(lambda: "heartbeat silent" in read_text(err), "release to show its progress")
+        release = watching_release(procs, lock, err)
         assert release.poll() is None
     finally:
         holder.proc.send_signal(signal.SIGCONT)
@@ -370,14 +375,7 @@ def test_release_refuses_when_the_lock_changes_while_watched(
     holder_record = holder_elsewhere(interval=2.0)
     write_file(lock, holder_record.encode())
     err = str(tmp_path / "release.err")
-    with open(err, "wb") as stream:
-        release = procs.start(
-            [PGFENCE, "release", "--lock-file", lock, "--token", "db-1"],
-            env=clean_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=stream,
-        )
-    wait_for(lambda: "heartbeat silent" in read_text(err), "release to be watching")
+    release = watching_release(procs, lock, err)
     newer = holder_record.next_beat(6.0, "2026-01-01T00:00:11Z").encode()
     write_file(lock + ".new", newer)
     os.rename(lock + ".new", lock)

@@ -26,6 +26,7 @@ from harness.fence import (
     marker_command,
     path_state,
     remount,
+    run_args,
     tmpfs,
     write_file,
 )
@@ -40,18 +41,8 @@ def marker(tmp_path: Path) -> str:
 
 
 def run(lock: str, marker: str, *extra: str, env: dict[str, str] | None = None) -> object:
-    return pgfence_run(
-        "run",
-        "--lock-file",
-        lock,
-        "--token",
-        "db-1",
-        *FAST,
-        *extra,
-        "--",
-        *marker_command(marker),
-        env=clean_env() if env is None else env,
-    )
+    argv = run_args(lock, "db-1", *marker_command(marker), extra=(*FAST, *extra))
+    return pgfence_run(*argv, env=clean_env() if env is None else env)
 
 
 def refused(
@@ -68,17 +59,7 @@ def refused(
     before = path_state(lock)
     listing = sorted(os.listdir(directory)) if os.path.isdir(directory) else None
     if argv is None:
-        argv = [
-            "run",
-            "--lock-file",
-            lock,
-            "--token",
-            "db-1",
-            *FAST,
-            *extra,
-            "--",
-            *marker_command(marker),
-        ]
+        argv = run_args(lock, "db-1", *marker_command(marker), extra=(*FAST, *extra))
     done = pgfence_run(*argv, env=clean_env() if env is None else env)
     assert done.returncode == code, done.stderr
     line = assert_one_line_error(done.stderr, *needles)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from harness.fence import PGFENCE, PRINT_SIGNALS, clean_env, read_text, wait_for
+from harness.fence import PGFENCE, PRINT_SIGNALS, clean_env, read_text
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.timeout(60)]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,6 +115,22 @@ def test_create_once(lock: LockFile) -> None:
     assert leftovers(lock) == []
 
 
+def _winners(contend: Callable[[str, int, object, object], None], path: str) -> list[int]:
+    """Run `contend(path, i, barrier, results)` in 16 forked processes released together
+    by a barrier; each puts (i, won) on `results`. Returns the indexes that won."""
+    ctx = multiprocessing.get_context("fork")
+    n = 16
+    barrier = ctx.Barrier(n)
+    results = ctx.Queue()
+    workers = [ctx.Process(target=contend, args=(path, i, barrier, results)) for i in range(n)]
+    for w in workers:
+        w.start()
+    outcomes = dict(results.get(timeout=30) for _ in range(n))
+    for w in workers:
+        w.join(timeout=30)
+    return [i for i, won in outcomes.items() if won]
+
+
 def _contend(path: str, index: int, barrier: object, results: object) -> None:
     lockfile = LockFile(path, f"{index:016x}")
     barrier.wait()  # type: ignore[attr-defined]
@@ -123,23 +139,11 @@ def _contend(path: str, index: int, barrier: object, results: object) -> None:
 
 @pytest.mark.timeout(60)
 def test_create_has_exactly_one_winner_among_processes(lock: LockFile) -> None:
-    ctx = multiprocessing.get_context("fork")
     for _ in range(5):
         if os.path.exists(lock.path):
             os.unlink(lock.path)
-        n = 16
-        barrier = ctx.Barrier(n)
-        results = ctx.Queue()
-        workers = [
-            ctx.Process(target=_contend, args=(lock.path, i, barrier, results)) for i in range(n)
-        ]
-        for w in workers:
-            w.start()
-        outcomes = dict(results.get(timeout=30) for _ in range(n))
-        for w in workers:
-            w.join(timeout=30)
-        winners = [i for i, won in outcomes.items() if won]
-        assert len(winners) == 1, outcomes
+        winners = _winners(_contend, lock.path)
+        assert len(winners) == 1, winners
         assert lock.read() == Snapshot(f"holder-{winners[0]}\n".encode())
         assert leftovers(lock) == []
 
@@ -255,22 +259,10 @@ def _take_over(path: str, index: int, barrier: object, results: object) -> None:
 
 @pytest.mark.timeout(60)
 def test_concurrent_takeovers_of_one_state_have_exactly_one_winner(lock: LockFile) -> None:
-    ctx = multiprocessing.get_context("fork")
     for _ in range(5):
         write_file(lock.path, b"old\n")
-        n = 16
-        barrier = ctx.Barrier(n)
-        results = ctx.Queue()
-        workers = [
-            ctx.Process(target=_take_over, args=(lock.path, i, barrier, results)) for i in range(n)
-        ]
-        for w in workers:
-            w.start()
-        outcomes = dict(results.get(timeout=30) for _ in range(n))
-        for w in workers:
-            w.join(timeout=30)
-        winners = [i for i, ok in outcomes.items() if ok]
-        assert len(winners) == 1, outcomes
+        winners = _winners(_take_over, lock.path)
+        assert len(winners) == 1, winners
         assert lock.read() == Snapshot(f"new-{winners[0]}\n".encode())
         assert leftovers(lock) == []
 

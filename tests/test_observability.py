@@ -3,11 +3,9 @@ line per event, and the opt-in Prometheus endpoint scraped during a real `pgfenc
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PGFENCE
 from harness import pg
+from harness.fence import json_events
 from harness.procs import Registry
+from harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,29 +46,15 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, "HOSTNAME": "obs-host", **extra}
 
 
-def json_events(stderr: str) -> list[dict[str, Any]]:
+def logged_events(stderr: str) -> list[dict[str, Any]]:
     """Every stderr line is one JSON object with the common fields."""
-    events = []
-    for line in stderr.splitlines():
-        event = json.loads(line)
-        assert isinstance(event, dict), line
-        assert {"time", "level", "event", "message"} <= event.keys(), line
+    events: list[dict[str, Any]] = json_events(stderr)
+    for event in events:
+        assert {"time", "level", "event", "message"} <= event.keys(), event
         assert event["time"].endswith("Z") and event["time"][10] == "T"
         assert event["level"] in ("info", "warning", "error")
         assert event["event"] in STABLE_EVENTS, event
-        events.append(event)
     return events
-
-
-def wait_for(check: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_json_log_of_a_run_from_acquire_to_release(procs: Registry, tmp_path: Path) -> None:
@@ -78,7 +64,7 @@ def test_json_log_of_a_run_from_acquire_to_release(procs: Registry, tmp_path: Pa
         env=env(FENCE_LOG_FORMAT="json"),
         stderr=subprocess.PIPE,
     )
-    wait_for(lock.exists)
+    wait_for(lock.exists, "the lock file", 20.0, 0.05)
     refused = subprocess.run(
         [PGFENCE, "run", "--lock-file", str(lock), "--", "true"],
         env=env(FENCE_LOG_FORMAT="json", FENCE_VARIABLE="other-host"),
@@ -87,14 +73,14 @@ def test_json_log_of_a_run_from_acquire_to_release(procs: Registry, tmp_path: Pa
         timeout=30,
     )
     assert refused.returncode == 73
-    [fenced_out] = json_events(refused.stderr)
+    [fenced_out] = logged_events(refused.stderr)
     assert (fenced_out["event"], fenced_out["level"]) == ("fenced_out", "error")
     assert fenced_out["exit_code"] == 73 and "obs-host" in fenced_out["message"]
 
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
-    events = json_events(err.decode())
+    events = logged_events(err.decode())
     names = [e["event"] for e in events]
     assert names == ["acquired", "started", "released"], names
     acquired, started, released = events
@@ -112,13 +98,13 @@ def test_lease_self_fence_is_logged_as_json(procs: Registry, tmp_path: Path) -> 
         env=env(FENCE_LOG_FORMAT="json"),
         stderr=subprocess.PIPE,
     )
-    wait_for(lock.exists)
+    wait_for(lock.exists, "the lock file", 20.0, 0.05)
     stolen = tmp_path / "stolen"
     stolen.write_text("thief-host\n")
     os.rename(stolen, lock)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 75
-    events = json_events(err.decode())
+    events = logged_events(err.decode())
     assert [e["event"] for e in events][-1] == "self_fenced"
     assert events[-1]["level"] == "error" and "lost the lock" in events[-1]["reason"]
 
@@ -182,7 +168,7 @@ def test_metrics_endpoint_during_a_run(procs: Registry, tmp_path: Path, mode: st
             return None
         return families if value(families, "pgfence_renewals") >= 2 else None
 
-    families = wait_for(renewed)
+    families = wait_for(renewed, "two renewals on the metrics endpoint", 20.0, 0.05)
     [info] = families["pgfence_info"].samples
     assert info.labels["mode"] == mode and info.labels["backend"] == "file"
     assert value(families, "pgfence_holding") == 1
@@ -211,7 +197,7 @@ def test_bare_port_serves_on_loopback_only(procs: Registry, tmp_path: Path) -> N
         env=env(FENCE_METRICS_ADDRESS=f":{port}"),
         stderr=subprocess.PIPE,
     )
-    families = wait_for(lambda: _holding(port))
+    families = wait_for(lambda: _holding(port), "the metrics endpoint to say holding", 20.0, 0.05)
     assert value(families, "pgfence_generation") >= 1
     listening = _listening_addresses(port)
     assert listening == {"0100007F"}, listening  # 127.0.0.1, nothing else

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_root
-from harness.fence import FAST, PGFENCE, PRINT_SIGNALS, clean_env, first_line, read_text, wait_for
-from harness.procs import Registry, alive
+from harness.fence import FAST, PGFENCE, PRINT_SIGNALS, clean_env, first_line, read_text
+from harness.procs import Registry, alive, stat_fields
 from harness.sandbox import Sandbox
+from harness.waiting import wait_for
 
 pytestmark = [needs_root, pytest.mark.timeout(60)]
 
@@ -69,20 +70,16 @@ def ns_pid(host_pid: int) -> int:
 
 
 def parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+    fields = stat_fields(pid)
+    assert fields is not None, f"no process {pid}"
+    return int(fields[1])
 
 
 def zombies(box: Sandbox) -> list[int]:
     found = []
     for pid in box.pids():
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if stat[stat.rfind(b")") + 2 :].split()[0] == b"Z":
+        fields = stat_fields(pid)
+        if fields is not None and fields[0] == b"Z":
             found.append(pid)
     return found
 

@@ -81,6 +81,13 @@ class Setup:
         path.mkdir()
         return str(path)
 
+    def failing(self, tool: str) -> str:
+        """A bin directory whose `tool` exits 1, to put before the real one."""
+        broken = self.bin_dir(f"broken-{tool}")
+        write_file(os.path.join(broken, tool), b"#!/bin/sh\nexit 1\n")
+        os.chmod(os.path.join(broken, tool), 0o755)
+        return broken
+
     def env(
         self, token: str | None = "db-1", path: list[str] | None = None, **extra: str
     ) -> dict[str, str]:
@@ -373,10 +380,7 @@ def test_generation_not_recorded_means_no_start(shim: Setup) -> None:
     """The holder records its generation before the server starts; if it cannot, it
     gives the lock back and exits 74, so no server runs under an unrecorded generation."""
     write_file(f"{shim.lock}.generation", b"5\n")
-    broken = shim.bin_dir("broken-mv")
-    write_file(os.path.join(broken, "mv"), b"#!/bin/sh\nexit 1\n")
-    os.chmod(os.path.join(broken, "mv"), 0o755)
-    result = shim.postgres(env=shim.env(path=[shim.shim_dir, broken, shim.real_dir]))
+    result = shim.postgres(env=shim.env(path=[shim.shim_dir, shim.failing("mv"), shim.real_dir]))
     assert result.returncode == 74
     assert_one_line_error(result.stderr, "gave the lock back")
     assert not os.path.exists(shim.out) and not os.path.exists(shim.lock)
@@ -385,10 +389,7 @@ def test_generation_not_recorded_means_no_start(shim: Setup) -> None:
 
 
 def test_link_impossible_is_a_storage_error(shim: Setup) -> None:
-    broken = shim.bin_dir("broken")
-    write_file(os.path.join(broken, "ln"), b"#!/bin/sh\nexit 1\n")
-    os.chmod(os.path.join(broken, "ln"), 0o755)
-    result = shim.postgres(env=shim.env(path=[shim.shim_dir, broken, shim.real_dir]))
+    result = shim.postgres(env=shim.env(path=[shim.shim_dir, shim.failing("ln"), shim.real_dir]))
     assert result.returncode == 74
     assert_one_line_error(result.stderr, "hard links")
     assert not os.path.exists(shim.lock) and not os.path.exists(shim.out)

@@ -1,6 +1,7 @@
 """Acquisition by the POSIX sh shim is atomic: sixteen contenders released at once (sh
 shims in dash or busybox, or a mix of sh shims and `pgfence run`) yield exactly one
-holder, every round. The barrier and the log checks are test_race.py's.
+holder, every round. The barrier and the log checks are harness.race's, as in
+test_race.py.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from harness.fence import FAST, PGFENCE, clean_env, read_text, wait_for, write_file
+from harness import race
+from harness.fence import FAST, PGFENCE, clean_env, read_text, run_args, write_file
 from harness.procs import Registry
-from test_race import BARRIER, CHILD, CONTENDERS, check_log, release_all
+from harness.waiting import wait_for
 from test_sh_shim import SHELLS, SHIM_TEXT, TOOLS
 
-# The winner's command: CHILD's start/end log lines and the generation it holds.
-WINNER = CHILD
+# The winner's command: race.CHILD's start/end log lines and the generation it holds.
+WINNER = race.CHILD
 # The real postgres of the shim's contenders runs the same.
 assert "'" not in WINNER
 REAL_POSTGRES = f"#!/bin/sh\nexec sh -c '{WINNER}' \"$@\"\n"
@@ -40,16 +42,6 @@ def shim_bin(tmp: Path, shell: str) -> str:
     return ":".join(map(str, (newbin, tools, real, "/usr/bin", "/bin")))
 
 
-def check_generations(log: str, lock: str, rounds: int) -> None:
-    """One generation per round, each larger than the last: a fencing token never
-    repeats. (Before only holders wrote <lock>.generation, a shim that lost a round and
-    stalled could lower it, and a later round repeated a generation: this caught it.)"""
-    generations = [int(g) for g in read_text(f"{log}.generations").split()]
-    assert len(generations) == rounds
-    assert all(a < b for a, b in zip(generations, generations[1:])), generations
-    assert int(read_text(f"{lock}.generation").split()[0]) >= generations[-1]
-
-
 def play_round(
     procs: Registry, tmp: Path, round_no: int, lock: str, kinds: list[str], log: str
 ) -> None:
@@ -59,28 +51,23 @@ def play_round(
     for i, kind in enumerate(kinds):
         token = f"db-{i}"
         if kind == "pgfence":
-            argv = ["sh", "-c", BARRIER, fifo, PGFENCE, "run", "--lock-file", lock]
-            argv += ["--token", token, *FAST, "--", "sh", "-c", WINNER, str(round_no), log, go]
+            child = ["sh", "-c", WINNER, str(round_no), log, go]
+            argv = [
+                "sh",
+                "-c",
+                race.BARRIER,
+                fifo,
+                PGFENCE,
+                *run_args(lock, token, *child, extra=FAST),
+            ]
             env = clean_env()
         else:
-            argv = ["sh", "-c", BARRIER, fifo, "postgres", str(round_no), log, go]
+            argv = ["sh", "-c", race.BARRIER, fifo, "postgres", str(round_no), log, go]
             env = clean_env(PATH=shim_bin(tmp, kind), FENCE_LOCK_FILE=lock, FENCE_VARIABLE=token)
         with open(tmp / f"err-{round_no}-{i}", "wb") as err:
             contenders.append(procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
-    release_all(fifo, contenders)
-
-    def losers_done() -> bool:
-        return sum(p.poll() is not None for p in contenders) >= len(contenders) - 1
-
-    wait_for(losers_done, f"the losers of round {round_no} to exit", timeout=60)
-    write_file(go, b"")
-    codes = [p.wait(timeout=60) for p in contenders]
-    errors = [read_text(str(tmp / f"err-{round_no}-{i}")) for i in range(len(kinds))]
-    assert sorted(codes) == [0] + [73] * (len(kinds) - 1), list(zip(codes, kinds, errors))
-    for code, err in zip(codes, errors):
-        assert "Traceback" not in err
-        if code == 73:
-            assert "fenced out" in err.splitlines()[-1]
+    race.release_all(fifo, contenders)
+    codes = race.end_round(tmp, round_no, contenders, kinds)
     winner = kinds[codes.index(0)]
     if winner == "pgfence":
         assert not os.path.exists(lock)  # released
@@ -97,9 +84,9 @@ def test_sh_shims_race_for_a_free_lock(procs: Registry, tmp_path: Path, shell: s
     log = str(tmp_path / "log")
     rounds = 15
     for round_no in range(rounds):
-        play_round(procs, tmp_path, round_no, lock, [shell] * CONTENDERS, log)
-    check_log(log, rounds)
-    check_generations(log, lock, rounds)
+        play_round(procs, tmp_path, round_no, lock, [shell] * race.CONTENDERS, log)
+    race.check_log(log, rounds)
+    race.check_generations(log, lock, rounds)
     assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == []
 
 
@@ -108,12 +95,12 @@ def test_sh_shims_and_pgfence_race_for_a_free_lock(procs: Registry, tmp_path: Pa
     os.mkfifo(tmp_path / "barrier")
     lock = str(tmp_path / "fence_lock")
     log = str(tmp_path / "log")
-    kinds = ["pgfence", "dash", "busybox", "dash"] * (CONTENDERS // 4)
+    kinds = ["pgfence", "dash", "busybox", "dash"] * (race.CONTENDERS // 4)
     rounds = 10
     for round_no in range(rounds):
         play_round(procs, tmp_path, round_no, lock, kinds, log)
-    check_log(log, rounds)
-    check_generations(log, lock, rounds)  # whoever wins
+    race.check_log(log, rounds)
+    race.check_generations(log, lock, rounds)  # whoever wins
 
 
 @pytest.mark.timeout(120)
@@ -125,12 +112,12 @@ def test_same_token_shims_create_the_lock_once(procs: Registry, tmp_path: Path) 
     lock = str(tmp_path / "fence_lock")
     path = shim_bin(tmp_path, "dash")
     contenders = []
-    for i in range(CONTENDERS):
+    for i in range(race.CONTENDERS):
         with open(tmp_path / f"err-{i}", "wb") as err:
             argv = [
                 "sh",
                 "-c",
-                BARRIER,
+                race.BARRIER,
                 fifo,
                 "postgres",
                 "0",
@@ -140,9 +127,9 @@ def test_same_token_shims_create_the_lock_once(procs: Registry, tmp_path: Path) 
             env = clean_env(PATH=path, FENCE_LOCK_FILE=lock, FENCE_VARIABLE="db-1")
             contenders.append(procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=err))
     write_file(str(tmp_path / "go"), b"")
-    release_all(fifo, contenders)
-    assert [p.wait(timeout=60) for p in contenders] == [0] * CONTENDERS
-    errors = [read_text(str(tmp_path / f"err-{i}")) for i in range(CONTENDERS)]
+    race.release_all(fifo, contenders)
+    assert [p.wait(timeout=60) for p in contenders] == [0] * race.CONTENDERS
+    errors = [read_text(str(tmp_path / f"err-{i}")) for i in range(race.CONTENDERS)]
     assert sum("acquired" in e for e in errors) == 1, errors
     assert read_text(lock + ".generation").split()[0] == "1"
 
@@ -168,13 +155,13 @@ def test_negative_control_check_then_write_lets_several_start(
     )
     log = str(tmp_path / "log")
     contenders = []
-    for i in range(CONTENDERS):
-        argv = ["sh", "-c", BARRIER, fifo, "postgres", "0", log, str(tmp_path / "go")]
+    for i in range(race.CONTENDERS):
+        argv = ["sh", "-c", race.BARRIER, fifo, "postgres", "0", log, str(tmp_path / "go")]
         env = clean_env(PATH=path, FENCE_LOCK_FILE=lock, FENCE_VARIABLE=f"db-{i}")
         contenders.append(
             procs.start(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         )
-    release_all(fifo, contenders)
+    race.release_all(fifo, contenders)
     wait_for(lambda: read_text(log).count("start") >= 2, "a second contender to start")
     write_file(str(tmp_path / "go"), b"")
     for p in contenders:

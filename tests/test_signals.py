@@ -27,10 +27,10 @@ from harness.fence import (
     marker_command,
     path_state,
     read_text,
-    wait_for,
 )
 from harness.pg import free_port
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(60)
 FORWARDED = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2")

@@ -21,8 +21,9 @@ import pytest
 
 from conftest import needs_root
 from harness.faults import Tmpfs, steal_lock
-from harness.fence import PGFENCE, assert_one_line_error, clean_env, marker_command, wait_for
+from harness.fence import PGFENCE, assert_one_line_error, clean_env, marker_command
 from harness.procs import Registry
+from harness.waiting import wait_for
 from pgfence import watchdog
 from pgfence.errors import UsageError
 from pgfence.timings import Timings

@@ -223,13 +223,14 @@ def fake_postgres(tmp_path: Path) -> Path:
     return script
 
 
-def test_shim_refuses_73_when_another_token_holds_the_lock(pyz: Path, tmp_path: Path) -> None:
+def run_shim_on_fake_postgres(
+    pyz: Path, tmp_path: Path, lock: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """`postgres ARGS` through the shim, as host this-host, on `fake_postgres`."""
     newbin = shim_dir(tmp_path, pyz)
     real = fake_postgres(tmp_path)
-    lock = tmp_path / "fence_lock"
-    lock.write_text("other-host\n")  # the shell script's one-line lock
-    proc = subprocess.run(
-        ["postgres", "-D", str(tmp_path / "data")],
+    return subprocess.run(
+        ["postgres", *args],
         env=env_with(
             [str(newbin), str(real.parent)], FENCE_LOCK_FILE=str(lock), HOSTNAME="this-host"
         ),
@@ -237,6 +238,12 @@ def test_shim_refuses_73_when_another_token_holds_the_lock(pyz: Path, tmp_path: 
         text=True,
         timeout=30,
     )
+
+
+def test_shim_refuses_73_when_another_token_holds_the_lock(pyz: Path, tmp_path: Path) -> None:
+    lock = tmp_path / "fence_lock"
+    lock.write_text("other-host\n")  # the shell script's one-line lock
+    proc = run_shim_on_fake_postgres(pyz, tmp_path, lock, "-D", str(tmp_path / "data"))
     assert proc.returncode == 73, proc.stderr
     assert "fenced out" in proc.stderr and "other-host" in proc.stderr
     assert lock.read_text() == "other-host\n"
@@ -246,18 +253,10 @@ def test_shim_refuses_73_when_another_token_holds_the_lock(pyz: Path, tmp_path: 
 def test_shim_starts_on_our_own_one_line_lock(pyz: Path, tmp_path: Path) -> None:
     """The seed's rule: a one-line lock holding our token is ours; the server starts with
     the shim's arguments, under a generation, and the lock is released afterwards."""
-    newbin = shim_dir(tmp_path, pyz)
-    real = fake_postgres(tmp_path)
     lock = tmp_path / "fence_lock"
     lock.write_text("this-host")
-    proc = subprocess.run(
-        ["postgres", "-D", str(tmp_path / "data"), "-c", "port=5999"],
-        env=env_with(
-            [str(newbin), str(real.parent)], FENCE_LOCK_FILE=str(lock), HOSTNAME="this-host"
-        ),
-        capture_output=True,
-        text=True,
-        timeout=30,
+    proc = run_shim_on_fake_postgres(
+        pyz, tmp_path, lock, "-D", str(tmp_path / "data"), "-c", "port=5999"
     )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "real" / "postgres.args").read_text().split() == [

@@ -52,8 +52,7 @@ def test_fresh_pre_18_volume_gets_pgdata_one_level_down_and_the_lock_at_its_root
     image, standin = images.image("fence", major), images.standin(major)
     vol = names.volume()
     first, port = names.container("first"), pg.free_port()
-    dp.run(first, image, vol, standin.volume, port)
-    dp.wait_serving(port, first)
+    dp.run_serving(first, image, vol, standin.volume, port)
     assert {"fence_lock", "pgdata"} <= _volume_files(vol)
     assert "PG_VERSION" not in _volume_files(vol)
     assert _data_directory(port) == "/var/lib/postgresql/data/pgdata"
@@ -64,8 +63,7 @@ def test_fresh_pre_18_volume_gets_pgdata_one_level_down_and_the_lock_at_its_root
     assert dp.lock_text(vol) is None
     # The same volume again: the database in pgdata/ is found, not initialised anew.
     again = names.container("again")
-    dp.run(again, image, vol, standin.volume, port)
-    dp.wait_serving(port, again)
+    dp.run_serving(again, image, vol, standin.volume, port)
     assert "Skipping initialization" in d.logs(again)
     assert dp.psql(port, "SELECT n FROM kept").stdout.strip() == "7"
 
@@ -78,11 +76,9 @@ def test_volume_the_official_image_initialised_keeps_pgdata_at_its_root(
     image, standin = images.image("fence", major), images.standin(major)
     vol = names.volume()
     plain, fenced, port = names.container("plain"), names.container("fenced"), pg.free_port()
-    dp.run(plain, standin.tag, vol, standin.volume, port)
-    dp.wait_serving(port, plain)
+    dp.run_serving(plain, standin.tag, vol, standin.volume, port)
     d.docker("stop", "-t", "60", plain, timeout=90)
-    dp.run(fenced, image, vol, standin.volume, port)
-    dp.wait_serving(port, fenced)
+    dp.run_serving(fenced, image, vol, standin.volume, port)
     assert _data_directory(port) == "/var/lib/postgresql/data"
     assert "pgdata" not in _volume_files(vol)  # no second, empty database beside it
     assert dp.lock_text(vol) is not None
@@ -128,8 +124,7 @@ def test_pgdata_and_lock_the_user_sets_are_used(images, names) -> None:
         "PGDATA": "/var/lib/postgresql/data/mydb",
         "FENCE_LOCK_FILE": "/var/lib/postgresql/data/my_lock",
     }
-    dp.run(box, image, vol, standin.volume, port, env=env)
-    dp.wait_serving(port, box)
+    dp.run_serving(box, image, vol, standin.volume, port, env=env)
     assert _data_directory(port) == env["PGDATA"]
     assert {"mydb", "my_lock"} <= _volume_files(vol)
     assert not {"pgdata", "fence_lock"} & _volume_files(vol)
@@ -156,8 +151,7 @@ def test_commands_that_start_no_server_pass_through_unfenced(images, names, majo
     image, standin = images.image("fence", major), images.standin(major)
     vol = names.volume()
     holder, port = names.container("holder"), pg.free_port()
-    dp.run(holder, image, vol, standin.volume, port)
-    dp.wait_serving(port, holder)
+    dp.run_serving(holder, image, vol, standin.volume, port)
     lock = dp.lock_text(vol)
     mount = ("-v", f"{vol}:{standin.volume}")
 
@@ -199,8 +193,7 @@ def test_read_only_root_filesystem_serves_and_python_writes_nothing(
     # The same on a writable root: the container's layer gets nothing outside /run and /tmp
     # (no bytecode written by pgfence, its health check or `pgfence status --json`).
     rw, port = names.container("rw"), pg.free_port()
-    dp.run(rw, image, names.volume("rw"), standin.volume, port)
-    dp.wait_serving(port, rw)
+    dp.run_serving(rw, image, names.volume("rw"), standin.volume, port)
     for command in (["pgfence", "check"], ["pgfence", "status", "--json"]):
         done = d.docker("exec", rw, *command, check=False)
         assert done.returncode == 0, done.stdout + done.stderr

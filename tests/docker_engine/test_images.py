@@ -39,8 +39,7 @@ def test_default_usage_one_server_stop_hands_over(images, names, major: str) -> 
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
 
-    dp.run(first, image, vol, standin.volume, p1)
-    dp.wait_serving(p1, first)
+    dp.run_serving(first, image, vol, standin.volume, p1)
     assert dp.lock_text(vol) is not None, "no lock at the volume's root/fence_lock"
     started = dp.server_started_at(p1)
 
@@ -71,14 +70,12 @@ def test_existing_volume_of_the_plain_image_keeps_its_data(images, names, major:
     )
     port = pg.free_port()
 
-    dp.run(plain, standin.tag, vol, standin.volume, port)
-    dp.wait_serving(port, plain)
+    dp.run_serving(plain, standin.tag, vol, standin.volume, port)
     done = dp.psql(port, "CREATE TABLE kept AS SELECT g AS n FROM generate_series(1, 1000) g")
     assert done.returncode == 0, done.stderr
     d.docker("stop", "-t", "60", plain, timeout=90)
 
-    dp.run(fenced, image, vol, standin.volume, port)
-    dp.wait_serving(port, fenced)
+    dp.run_serving(fenced, image, vol, standin.volume, port)
     assert dp.psql(port, "SELECT count(*), sum(n) FROM kept").stdout.strip() == "1000|500500"
     dp.run(other, image, vol, standin.volume, pg.free_port())
     _fenced_out_without_postgres(other)
@@ -94,8 +91,7 @@ def test_kill_then_start_the_same_container_and_another(images, names) -> None:
     vol = names.volume()
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
-    dp.run(first, image, vol, standin.volume, p1)
-    dp.wait_serving(p1, first)
+    dp.run_serving(first, image, vol, standin.volume, p1)
 
     d.docker("kill", first)
     assert dp.lock_text(vol) is not None, "a killed holder's lock must stay (strict mode)"
@@ -119,8 +115,7 @@ def test_kill_in_lease_mode_another_container_takes_over(images, names) -> None:
     vol = names.volume()
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
-    dp.run(first, image, vol, standin.volume, p1, env=LEASE)
-    dp.wait_serving(p1, first)
+    dp.run_serving(first, image, vol, standin.volume, p1, env=LEASE)
     dp.run(second, image, vol, standin.volume, p2, env=LEASE)
     time.sleep(3)
     assert d.state(second).get("Running") and not dp.serves(p2), "the contender must wait"
@@ -134,8 +129,7 @@ def test_paused_lease_holder_fences_itself_on_unpause(images, names, tmp_path) -
     vol = names.volume()
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
-    dp.run(first, image, vol, standin.volume, p1, env=LEASE)
-    dp.wait_serving(p1, first)
+    dp.run_serving(first, image, vol, standin.volume, p1, env=LEASE)
     done = dp.psql(
         p1,
         "CREATE TABLE acks (id bigint PRIMARY KEY, port int NOT NULL, gen int, "
@@ -179,8 +173,7 @@ def test_healthcheck_holder_healthy_waiting_contender_not_unhealthy(images, name
     vol = names.volume()
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
-    dp.run(first, image, vol, standin.volume, p1, env=LEASE)
-    dp.wait_serving(p1, first)
+    dp.run_serving(first, image, vol, standin.volume, p1, env=LEASE)
     # The contender's checks run every 2 s instead of 10 (its start period is the image's):
     # three failing checks in a row would make it unhealthy outside the start period.
     dp.run(
@@ -215,10 +208,8 @@ def test_negative_control_the_plain_image_starts_a_second_server(images, names) 
     vol = names.volume()
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
-    dp.run(first, standin.tag, vol, standin.volume, p1)
-    dp.wait_serving(p1, first)
-    dp.run(second, standin.tag, vol, standin.volume, p2)
-    dp.wait_serving(p2, second)
+    dp.run_serving(first, standin.tag, vol, standin.volume, p1)
+    dp.run_serving(second, standin.tag, vol, standin.volume, p2)
     assert dp.serves(p1) and dp.serves(p2), "two servers on one data directory"
     assert dp.started_postgres(d.logs(second))
 
@@ -234,8 +225,7 @@ def test_shim_image_default_usage_one_server(images, names, major: str) -> None:
     vol = names.volume()
     first, second = names.container("first"), names.container("second")
     p1, p2 = pg.free_port(), pg.free_port()
-    dp.run(first, image, vol, standin.volume, p1)
-    dp.wait_serving(p1, first)
+    dp.run_serving(first, image, vol, standin.volume, p1)
     dp.run(second, image, vol, standin.volume, p2)
     _fenced_out_without_postgres(second)
     assert dp.serves(p1)

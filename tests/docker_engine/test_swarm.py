@@ -29,6 +29,7 @@ import yaml
 from harness import docker as d
 from harness import dockerpg as dp
 from harness import standins
+from harness.waiting import wait_for
 from harness.writer import SCHEMA, Writer
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
@@ -108,13 +109,6 @@ def serving_slots() -> list[int]:
     return [slot for slot in (1, 2) if dp.serves(slot_port(slot))]
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.5)
-
-
 @pytest.fixture
 def stack(swarm: str, names: Any) -> Iterator[str]:
     name = names.stack()
@@ -135,12 +129,17 @@ def _sustained_one_server(seconds: float) -> int:
     return slots.pop()
 
 
+def _one_of_two_serving(image: str, file: str, tmp_path: Path, stack: str) -> int:
+    """Deploy `file`'s two replicas of `image`; once one task serves, it must be the only
+    one for 30 s. Returns its slot."""
+    deploy(local_stack(file, image, tmp_path), stack)
+    wait_for(lambda: len(serving_slots()) == 1, "one task serving", 120, 0.5)
+    return _sustained_one_server(30)
+
+
 @pytest.mark.timeout(400)
 def test_strict_stack_two_replicas_one_serves_other_exits_73(images, stack, tmp_path) -> None:
-    image = images.image("fence", MAJOR)
-    deploy(local_stack("stack.strict.yaml", image, tmp_path), stack)
-    wait_for(lambda: len(serving_slots()) == 1, 120, "one task serving")
-    holder = _sustained_one_server(30)
+    holder = _one_of_two_serving(images.image("fence", MAJOR), "stack.strict.yaml", tmp_path, stack)
     fenced = _exited(stack, holder)
     assert fenced, "the other task never exited"
     assert {c["exit"] for c in fenced} == {73}, fenced
@@ -150,10 +149,7 @@ def test_strict_stack_two_replicas_one_serves_other_exits_73(images, stack, tmp_
 
 @pytest.mark.timeout(400)
 def test_lease_stack_two_replicas_one_serves_other_waits(images, stack, tmp_path) -> None:
-    image = images.image("fence", MAJOR)
-    deploy(local_stack("stack.lease.yaml", image, tmp_path), stack)
-    wait_for(lambda: len(serving_slots()) == 1, 120, "one task serving")
-    holder = _sustained_one_server(30)
+    holder = _one_of_two_serving(images.image("fence", MAJOR), "stack.lease.yaml", tmp_path, stack)
     other = [c for c in containers(stack) if c["slot"] != holder]
     # Waiting, never exited.
     assert other and all(c["running"] for c in other), [(c, d.logs(c["id"])) for c in other]
@@ -165,12 +161,12 @@ def test_rolling_update_stop_first_hands_over(images, stack, tmp_path) -> None:
     image = images.image("fence", MAJOR)
     deploy(local_stack("stack.strict.yaml", image, tmp_path, replicas=1), stack)
     port = slot_port(1)
-    wait_for(lambda: dp.serves(port), 120, "the task serving")
+    wait_for(lambda: dp.serves(port), "the task serving", 120, 0.5)
     (old,) = [c["id"] for c in containers(stack) if c["running"]]
     started = time.monotonic()
     d.docker("service", "update", "--detach", "--force", f"{stack}_postgres", timeout=120)
-    wait_for(lambda: not d.state(old).get("Running"), 150, "the old task stopped")
-    wait_for(lambda: dp.serves(port), 150, "the new task serving")
+    wait_for(lambda: not d.state(old).get("Running"), "the old task stopped", 150, 0.5)
+    wait_for(lambda: dp.serves(port), "the new task serving", 150, 0.5)
     # Stopped by the fast shutdown within the 2 min grace period, not SIGKILLed after it.
     assert d.state(old).get("ExitCode") == 0, d.logs(old)[-2000:]
     assert "fast shutdown request" in d.logs(old)
@@ -188,6 +184,15 @@ def test_configs_style_shim_mounted_at_newbin(images, stack, tmp_path) -> None:
     standins.build_zipapp(pyz)
     doc["configs"]["pgfence-shim"] = {"file": str(pyz)}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    holder = _one_holder_with_the_shim(path, stack)
+    # The stack is in lease mode: the other task waits for the lease, it does not exit.
+    other = [c for c in containers(stack) if c["slot"] != holder]
+    assert other and all(c["running"] for c in other), [d.logs(c["id"]) for c in other]
+
+
+def _one_holder_with_the_shim(path: Path, stack: str) -> int:
+    """Deploy `path` one task then two; exactly one serves, with the shim at
+    /newbin/postgres (mode 555), and holds the lock. Returns its slot."""
     _deploy_one_then_two(path, stack)
     holder = _sustained_one_server(20)
     (running,) = [c for c in containers(stack) if c["slot"] == holder and c["running"]]
@@ -195,9 +200,7 @@ def test_configs_style_shim_mounted_at_newbin(images, stack, tmp_path) -> None:
     assert mode.strip() == "555"
     lock = dp.lock_text(f"{stack}_pgdata")
     assert lock is not None and lock.startswith(f"pg-{_node_hostname()}-{holder}\n"), lock
-    # The stack is in lease mode: the other task waits for the lease, it does not exit.
-    other = [c for c in containers(stack) if c["slot"] != holder]
-    assert other and all(c["running"] for c in other), [d.logs(c["id"]) for c in other]
+    return holder
 
 
 def _deploy_one_then_two(path: Path, stack: str) -> None:
@@ -208,9 +211,9 @@ def _deploy_one_then_two(path: Path, stack: str) -> None:
     doc["services"]["postgres"]["deploy"]["replicas"] = 1
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     deploy(path, stack)
-    wait_for(lambda: serving_slots() == [1], 120, "the first task serving")
+    wait_for(lambda: serving_slots() == [1], "the first task serving", 120, 0.5)
     d.docker("service", "scale", "--detach", f"{stack}_postgres=2", timeout=60)
-    wait_for(lambda: any(c["slot"] == 2 for c in containers(stack)), 60, "a second task")
+    wait_for(lambda: any(c["slot"] == 2 for c in containers(stack)), "a second task", 60, 0.5)
 
 
 def _exited(stack: str, holder: int) -> list[dict[str, Any]]:
@@ -230,7 +233,7 @@ def test_split_brain_stand_in_paused_holder_and_a_second_task(images, stack, tmp
     lease = {"FENCE_LEASE_TTL": "4", "POSTGRES_INITDB_ARGS": "--data-checksums"}
     deploy(local_stack("stack.lease.yaml", image, tmp_path, env=lease, replicas=1), stack)
     p1, p2 = slot_port(1), slot_port(2)
-    wait_for(lambda: dp.serves(p1), 120, "the first task serving")
+    wait_for(lambda: dp.serves(p1), "the first task serving", 120, 0.5)
     for sql in SCHEMA:
         assert dp.psql(p1, sql).returncode == 0
     (holder,) = [c["id"] for c in containers(stack) if c["running"]]
@@ -240,7 +243,7 @@ def test_split_brain_stand_in_paused_holder_and_a_second_task(images, stack, tmp
         d.docker("pause", holder)
         paused = time.clock_gettime(time.CLOCK_BOOTTIME)
         d.docker("service", "scale", "--detach", f"{stack}_postgres=2", timeout=60)
-        wait_for(lambda: dp.serves(p2), 120, "the second task serving")
+        wait_for(lambda: dp.serves(p2), "the second task serving", 120, 0.5)
         writer.wait_acks(p2, 20)
         d.docker("unpause", holder)
         assert d.wait_exit(holder, timeout=30) == 75, d.logs(holder)[-2000:]
@@ -301,14 +304,8 @@ def test_configs_style_sh_shim_in_the_official_image_without_python(
     for key in ("FENCE_MODE", "FENCE_LEASE_TTL"):
         svc["environment"].pop(key, None)
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    _deploy_one_then_two(path, stack)
-    holder = _sustained_one_server(20)
-    (running,) = [c for c in containers(stack) if c["slot"] == holder and c["running"]]
-    mode = d.docker("exec", running["id"], "stat", "-c", "%a", "/newbin/postgres").stdout
-    assert mode.strip() == "555"
-    lock = dp.lock_text(f"{stack}_pgdata")
-    assert lock is not None and lock.startswith(f"pg-{_node_hostname()}-{holder}\n"), lock
-    wait_for(lambda: _exited(stack, holder), 60, "the second task exits")
+    holder = _one_holder_with_the_shim(path, stack)
+    wait_for(lambda: _exited(stack, holder), "the second task exits", 60, 0.5)
     fenced = _exited(stack, holder)
     wrong = [(c, d.logs(c["id"])[-2500:]) for c in fenced if c["exit"] != 73]
     assert not wrong, wrong

@@ -66,6 +66,14 @@ def wait_serving(port: int, container: str, timeout: float = 120) -> float:
     return time.monotonic() - start
 
 
+def run_serving(
+    name: str, image: str, volume: str, mount: str, port: int, env: dict[str, str] | None = None
+) -> float:
+    """`run` a server container and `wait_serving` on it; returns the seconds waited."""
+    run(name, image, volume, mount, port, env)
+    return wait_serving(port, name)
+
+
 def volume_path(volume: str) -> str:
     """Where a local volume's files are on the host (tests run as root)."""
     return d.docker("volume", "inspect", "--format", "{{.Mountpoint}}", volume).stdout.strip()

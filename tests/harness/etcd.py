@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -22,7 +21,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from harness.pg import free_port
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
+from harness.writer import boottime
 
 ETCD = os.environ.get("PGFENCE_TEST_ETCD", "/usr/bin/etcd")
 ETCDCTL = os.environ.get("PGFENCE_TEST_ETCDCTL", "/usr/bin/etcdctl")
@@ -34,16 +36,6 @@ ELECTION_MS = int(os.environ.get("PGFENCE_TEST_ELECTION_MS", "250"))
 
 def available() -> bool:
     return os.access(ETCD, os.X_OK) and os.access(ETCDCTL, os.X_OK)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def boottime() -> float:
-    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 # -- TLS -----------------------------------------------------------------------------------
@@ -459,15 +451,6 @@ def events(log: str) -> list[Event]:
     return found
 
 
-def wait_for(what: str, predicate: object, timeout: float, interval: float = 0.05) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 def started(log: str, name: str, timeout: float) -> Event:
     """Wait for `name`'s child to log its start."""
     box: list[Event] = []
@@ -476,7 +459,7 @@ def started(log: str, name: str, timeout: float) -> Event:
         box[:] = [e for e in events(log) if e.kind == "start" and e.name == name]
         return bool(box)
 
-    wait_for(f"{name}'s child to start", seen, timeout)
+    wait_for(seen, f"{name}'s child to start", timeout, 0.05)
     return box[0]
 
 

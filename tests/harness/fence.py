@@ -1,7 +1,7 @@
 """Helpers for black-box tests of the installed `pgfence` command.
 
-Clean environments, waiting on conditions (never on fixed delays), the exact state of a
-lock path (to prove it was left untouched), background holders, and tmpfs mounts.
+Clean environments, the exact state of a lock path (to prove it was left untouched),
+background holders, and tmpfs mounts. Waiting on conditions is `harness.waiting`'s.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import os
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Iterator, Sequence
 
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
 PGFENCE = os.path.join(os.path.dirname(sys.executable), "pgfence")
 PRINT_SIGNALS = os.path.join(os.path.dirname(__file__), "print_signals.py")
@@ -24,7 +23,6 @@ FAST = ("--heartbeat-interval", "0.2")  # silence is then judged after 3 * 0.2 +
 # Background holders that others must see alive: 3 * 0.5 + 1 s of silence before anyone
 # calls them dead, so a stall of the loaded test machine cannot pass for a crash.
 LIVE = ("--heartbeat-interval", "0.5")
-T = TypeVar("T")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -38,18 +36,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_for(
-    predicate: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.02
-) -> T:
-    """Poll `predicate` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+def run_args(lock: str, token: str, *command: str, extra: Sequence[str] = ()) -> list[str]:
+    """The arguments of `pgfence run` on the lock file `lock` as `token`; `extra` are
+    more options (FAST, say)."""
+    return ["run", "--lock-file", lock, "--token", token, *extra, "--", *command]
 
 
 def read_text(path: str) -> str:
@@ -153,20 +143,7 @@ class Holder:
         script = (
             'echo $$ > "$0.tmp" && mv "$0.tmp" "$0"; while [ ! -e "$0.exit" ]; do sleep 0.05; done'
         )
-        argv = [
-            PGFENCE,
-            "run",
-            "--lock-file",
-            lock,
-            "--token",
-            token,
-            *extra,
-            "--",
-            "sh",
-            "-c",
-            script,
-            marker,
-        ]
+        argv = [PGFENCE, *run_args(lock, token, "sh", "-c", script, marker, extra=extra)]
         with open(self.stderr_path, "wb") as err:
             self.proc = procs.start(argv, env=env or clean_env(), stderr=err)
         self.child_pid = int(

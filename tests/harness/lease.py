@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 from harness import pg
@@ -31,14 +30,16 @@ from harness.faults import (
     steal_lock,
     write_atomically,
 )
-from harness.procs import Registry, alive
+from harness.procs import Registry, alive, stat_fields
 from harness.sandbox import Sandbox
+from harness.waiting import wait_for
 from harness.writer import GENERATION_SETTING, SCHEMA, boottime
 from pgfence.timings import MIN_TTL
 
 __all__ = [  # the fault helpers too, for the benchmarks that import them from here
     "DEADLINE",
     "PGFENCE",
+    "POLL",
     "TAKEOVER_WAIT",
     "TTL",
     "Freezer",
@@ -53,9 +54,9 @@ __all__ = [  # the fault helpers too, for the benchmarks that import them from h
     "prepare_cluster",
     "read_lock",
     "record_timing",
+    "seen_at",
     "server_command",
     "steal_lock",
-    "wait_for",
     "write_atomically",
 ]
 
@@ -64,6 +65,8 @@ TTL = MIN_TTL  # 2 s, the minimum; every other lease timing derives from it
 # Takeover wait W = TTL + lock-delay (TTL/4); the holder's deadline D = TTL/2.
 TAKEOVER_WAIT = TTL * 1.25
 DEADLINE = TTL / 2
+# Fine enough to time a fence deadline of DEADLINE seconds.
+POLL = 0.005
 
 
 def record_timing(kind: str, seconds: float, **extra: object) -> None:
@@ -74,15 +77,11 @@ def record_timing(kind: str, seconds: float, **extra: object) -> None:
             f.write(json.dumps({"kind": kind, "seconds": round(seconds, 4), **extra}) + "\n")
 
 
-def wait_for(
-    predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.005
+def seen_at(
+    predicate: Callable[[], object], what: str, timeout: float, interval: float = POLL
 ) -> float:
     """Poll until `predicate()` is true; returns the boottime at which it was seen true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+    wait_for(predicate, what, timeout, interval)
     return boottime()
 
 
@@ -185,12 +184,8 @@ class Node:
         if not self.fenced:
             return init
         for pid in self.box.pids():
-            try:
-                with open(f"/proc/{pid}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(b")") + 2 :].split()[1]) == init:
+            fields = stat_fields(pid)
+            if fields is not None and int(fields[1]) == init:
                 return pid
         raise AssertionError(f"{self.name}: no server process")
 
@@ -202,7 +197,7 @@ class Node:
 
     def wait_ready(self, timeout: float = 60.0) -> float:
         """Boottime at which the server first answered a query."""
-        return wait_for(self.ready, timeout, f"{self.name} to accept connections", 0.02)
+        return seen_at(self.ready, f"{self.name} to accept connections", timeout, 0.02)
 
     def wait_exit(self, timeout: float = 30.0) -> int:
         return self.box.wait(timeout)
@@ -238,12 +233,7 @@ def pg_amcheck(port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             os.path.join(pg.PG_BIN, "pg_amcheck"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
+            *pg.client_args(port),
             "--all",
             "--install-missing",
             "--heapallindexed",

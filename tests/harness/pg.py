@@ -80,18 +80,18 @@ def server_argv(datadir: str, port: int, socket_dir: str, *extra: str) -> list[s
     ]
 
 
+def client_args(port: int) -> list[str]:
+    """How a client program (psql, pg_amcheck) reaches the test server on `port`."""
+    return ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+
+
 def psql(
     port: int, sql: str, timeout: float = 10.0, db: str = "postgres"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             os.path.join(PG_BIN, "psql"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
+            *client_args(port),
             "-d",
             db,
             "-XAtqc",
@@ -102,6 +102,13 @@ def psql(
         timeout=timeout,
         env={**os.environ, "PGCONNECT_TIMEOUT": "3"},
     )
+
+
+def query(port: int, sql: str) -> str:
+    """What `sql` prints, trimmed; fails the test if psql fails."""
+    result = psql(port, sql, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
 
 
 def is_ready(port: int) -> bool:

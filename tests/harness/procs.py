@@ -27,13 +27,9 @@ def descendants(pid: int) -> list[int]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        fields = stat_fields(int(name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(name))
     found, stack = [], list(children.get(pid, ()))
     while stack:
         p = stack.pop()
@@ -42,24 +38,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def start_time(pid: int) -> int | None:
-    """When `pid` started (clock ticks since boot), to tell it from a later reuse of its pid."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """The fields of /proc/`pid`/stat after the command's name: its state, its parent's
+    pid, and so on (proc(5) numbers them from 3); None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
-    return int(stat[stat.rfind(b")") + 2 :].split()[19])
+    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks since boot), to tell it from a later reuse of its pid."""
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(b")") + 2 :].split()[0] != b"Z"
+    fields = stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
 
 
 class Registry:

@@ -1,32 +1,15 @@
-"""Waiting for conditions (never for fixed times) and watching processes come and go."""
+"""Watching processes come and go: postmasters that appear, sandboxes frozen and thawed."""
 
 from __future__ import annotations
 
 import os
 import signal
 import threading
-import time
-from typing import Callable, TypeVar
 
 from harness import pg
+from harness.procs import stat_fields
 from harness.sandbox import Sandbox
-
-T = TypeVar("T")
-
-
-def wait_until(
-    check: Callable[[], T], what: str, timeout: float = 60.0, interval: float = 0.1
-) -> T:
-    """Call `check` until it returns something truthy and return that; fail after
-    `timeout` seconds (generous: the machine is shared and noisy)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+from harness.waiting import wait_for
 
 
 class PostmasterWatch:
@@ -61,7 +44,7 @@ class PostmasterWatch:
             assert not self.new(), f"a second postmaster appeared: {sorted(self.new())}"
             return box.returncode() is not None
 
-        wait_until(exited, f"sandbox {box.name} to exit", timeout, 0.05)
+        wait_for(exited, f"sandbox {box.name} to exit", timeout, 0.05)
         return box.wait(timeout=10)
 
     def __exit__(self, *exc: object) -> None:
@@ -75,12 +58,8 @@ class PostmasterWatch:
 
 
 def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rfind(b")") + 2 :].split()[0].decode()
+    fields = stat_fields(pid)
+    return None if fields is None else fields[0].decode()
 
 
 def freeze(box: Sandbox, timeout: float = 30.0) -> None:
@@ -101,7 +80,7 @@ def freeze(box: Sandbox, timeout: float = 30.0) -> None:
                 pass
         return not pending
 
-    wait_until(all_stopped, f"every process in sandbox {box.name} to stop", timeout, 0.01)
+    wait_for(all_stopped, f"every process in sandbox {box.name} to stop", timeout, 0.01)
 
 
 def thaw(box: Sandbox) -> None:

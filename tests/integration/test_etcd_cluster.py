@@ -9,69 +9,30 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from conftest import PGFENCE, pgfence_run
+from conftest import PGFENCE, needs_etcd, pgfence_run
 from harness import etcd as h
+from harness.etcd_fleet import TTL, Fleet, own_cluster, running
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
-]
-TTL = 3.0  # fence deadline 1.5 s, renewal every 0.5 s, lock-delay 0.75 s
+pytestmark = [pytest.mark.integration, needs_etcd]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[h.EtcdCluster]:
-    c = h.EtcdCluster(str(tmp_path_factory.mktemp("etcd3")), size=3)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
-class Fleet:
-    """pgfence processes of one test, their stderr files and the children's shared log."""
-
-    def __init__(self, procs: Registry, directory: str, endpoints: str, key: str) -> None:
-        self.procs = procs
-        self.dir = directory
-        self.endpoints = endpoints
-        self.key = key
-        self.log = os.path.join(directory, "children.log")
-
-    def env(self, token: str, ttl: float = TTL, **extra: str) -> dict[str, str]:
-        return h.fence_env(self.endpoints, self.key, token, ttl, **extra)
-
-    def start(
-        self, name: str, *flags: str, mode: str = "hold", ttl: float = TTL, **extra: str
-    ) -> subprocess.Popen[bytes]:
-        with open(os.path.join(self.dir, f"{name}.stderr"), "wb") as err:
-            return self.procs.start(
-                [PGFENCE, "run", *flags, "--", *h.child_argv(self.log, name, mode)],
-                env=self.env(name, ttl, **extra),
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-
-    def stderr(self, name: str) -> str:
-        with open(os.path.join(self.dir, f"{name}.stderr")) as f:
-            return f.read()
-
-    def starts(self) -> list[h.Event]:
-        return [e for e in h.events(self.log) if e.kind == "start"]
+    with running(h.EtcdCluster(str(tmp_path_factory.mktemp("etcd3")), size=3)) as c:
+        yield c
 
 
 @pytest.fixture
 def fleet(cluster: h.EtcdCluster, procs: Registry, tmp_path: object) -> Fleet:
-    return Fleet(procs, str(tmp_path), cluster.endpoints(), f"/pgfence/{uuid.uuid4().hex[:8]}")
+    return Fleet.on(cluster, procs, str(tmp_path))
 
 
 @pytest.mark.timeout(180)
@@ -80,10 +41,11 @@ def test_16_contenders_without_waiting_exactly_one_holds_each_round(fleet: Fleet
     for round_ in range(3):
         names = [f"r{round_}c{i}" for i in range(16)]
         contenders = {n: fleet.start(n, "--no-wait", ttl=4) for n in names}
-        h.wait_for(
-            "15 of 16 contenders to give up",
+        wait_for(
             lambda c=contenders: sum(p.poll() is not None for p in c.values()) >= 15,
-            timeout=90,
+            "15 of 16 contenders to give up",
+            90,
+            0.05,
         )
         running = [n for n, p in contenders.items() if p.poll() is None]
         codes = {n: p.returncode for n, p in contenders.items() if n not in running}
@@ -93,8 +55,7 @@ def test_16_contenders_without_waiting_exactly_one_holds_each_round(fleet: Fleet
         start = h.started(fleet.log, winner, timeout=30)
         assert [e.name for e in fleet.starts() if e.name in names] == [winner]
         generations.append(start.generation)
-        contenders[winner].send_signal(signal.SIGTERM)
-        assert contenders[winner].wait(timeout=30) == 0, fleet.stderr(winner)
+        fleet.stop(contenders[winner], winner)
     assert generations == sorted(set(generations))
 
 
@@ -181,12 +142,7 @@ def test_status_check_and_release_see_the_etcd_holder(fleet: Fleet, cluster: h.E
 def test_quorum_loss_fences_the_holder_and_after_recovery_exactly_one_runs(
     procs: Registry, tmp_path: object
 ) -> None:
-    directory = str(tmp_path)
-    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3)
-    os.makedirs(cluster.directory)
-    try:
-        cluster.start()
-        fleet = Fleet(procs, directory, cluster.endpoints(), "/pgfence/quorum")
+    with own_cluster(procs, str(tmp_path)) as (cluster, fleet):
         holder = fleet.start("A")
         a = h.started(fleet.log, "A", timeout=30)
         death = h.DeathWatch(a.pid)
@@ -210,15 +166,12 @@ def test_quorum_loss_fences_the_holder_and_after_recovery_exactly_one_runs(
         cluster.start_member(2, wait=False)
         cluster.wait_healthy()
         restarted = fleet.start("A2")
-        h.wait_for("one instance to start", lambda: len(fleet.starts()) >= 2, timeout=90)
+        wait_for(lambda: len(fleet.starts()) >= 2, "one instance to start", 90, 0.05)
         time.sleep(2 * TTL)  # the other keeps waiting behind the live holder
         after = [e for e in fleet.starts() if e.name != "A"]
         assert len(after) == 1, after
         assert after[0].generation > a.generation
         assert contender.poll() is None and restarted.poll() is None
-    finally:
-        procs.cleanup()
-        cluster.stop()
 
 
 @pytest.mark.timeout(60)

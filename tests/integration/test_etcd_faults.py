@@ -17,61 +17,22 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from conftest import PGFENCE, pgfence_run
+from conftest import PGFENCE, needs_etcd, pgfence_run
 from harness import etcd as h
+from harness.etcd_fleet import TTL, Fleet, own_cluster, running
 from harness.procs import Registry, alive
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
-]
-TTL = 3.0  # the shortest at the test clusters' election timeout (250 ms)
+pytestmark = [pytest.mark.integration, needs_etcd]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[h.EtcdCluster]:
-    c = h.EtcdCluster(str(tmp_path_factory.mktemp("etcd3f")), size=3)
-    try:
-        yield c.start()
-    finally:
-        c.stop()
-
-
-class Fleet:
-    def __init__(self, procs: Registry, directory: str, endpoints: str, key: str) -> None:
-        self.procs, self.dir, self.endpoints, self.key = procs, directory, endpoints, key
-        self.log = os.path.join(directory, "children.log")
-
-    def env(self, token: str, ttl: float = TTL, **extra: str) -> dict[str, str]:
-        return h.fence_env(self.endpoints, self.key, token, ttl, **extra)
-
-    def start(self, name: str, ttl: float = TTL, **extra: str) -> subprocess.Popen[bytes]:
-        with open(os.path.join(self.dir, f"{name}.stderr"), "wb") as err:
-            return self.procs.start(
-                [PGFENCE, "run", "--", *h.child_argv(self.log, name)],
-                env=self.env(name, ttl, **extra),
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-
-    def stderr(self, name: str) -> str:
-        with open(os.path.join(self.dir, f"{name}.stderr")) as f:
-            return f.read()
-
-    def starts(self) -> list[h.Event]:
-        return [e for e in h.events(self.log) if e.kind == "start"]
-
-
-def fleet_on(
-    cluster: h.EtcdCluster, procs: Registry, tmp_path: object, endpoints: str = ""
-) -> Fleet:
-    key = f"/pgfence/{uuid.uuid4().hex[:8]}"
-    return Fleet(procs, str(tmp_path), endpoints or cluster.endpoints(), key)
+    with running(h.EtcdCluster(str(tmp_path_factory.mktemp("etcd3f")), size=3)) as c:
+        yield c
 
 
 # -- 1. a key that vanishes under a live holder --------------------------------------------
@@ -85,9 +46,9 @@ def test_a_key_that_vanished_under_a_live_holder_is_created_only_after_that_hold
     """What a stuck etcd leader did (it revoked a lease renewed correctly), done with
     etcdctl: the holder finds out only at its next renewal, here held up for 2 s of its
     3 s deadline, and a contender that never saw the key must not start meanwhile."""
-    fleet = fleet_on(cluster, procs, tmp_path)
+    fleet = Fleet.on(cluster, procs, str(tmp_path))
     ttl = 6.0  # deadline 3 s, lock delay 4 s
-    holder = fleet.start("A", ttl)
+    holder = fleet.start("A", ttl=ttl)
     a = h.started(fleet.log, "A", timeout=30)
     death = h.DeathWatch(a.pid)
     holder.send_signal(signal.SIGSTOP)  # its renewals stall (its child runs on)
@@ -98,7 +59,7 @@ def test_a_key_that_vanished_under_a_live_holder_is_created_only_after_that_hold
             done = pgfence_run("release", "--force", env=fleet.env("op", ttl))
             assert done.returncode == 0, done.stderr
         gone_at = h.boottime()
-        contender = fleet.start("B", ttl)  # its first look finds the key absent
+        contender = fleet.start("B", ttl=ttl)  # its first look finds the key absent
         time.sleep(2.0)
     finally:
         holder.send_signal(signal.SIGCONT)
@@ -174,7 +135,7 @@ def test_a_create_whose_answer_was_lost_is_recognised_as_ours(
     member = cluster.members[0]
     proxy = LosingProxy(("127.0.0.1", member.client_port))
     try:
-        fleet = fleet_on(cluster, procs, tmp_path, f"http://127.0.0.1:{proxy.port}")
+        fleet = Fleet.on(cluster, procs, str(tmp_path), f"http://127.0.0.1:{proxy.port}")
         fleet.start("A")
         a = h.started(fleet.log, "A", timeout=60)
     finally:
@@ -202,15 +163,11 @@ def leader(cluster: h.EtcdCluster) -> int:
 @pytest.mark.timeout(240)
 def test_the_shortest_ttl_survives_leader_crashes(procs: Registry, tmp_path: object) -> None:
     directory = str(tmp_path)
-    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3)
-    os.makedirs(cluster.directory)
-    try:
-        cluster.start()
-        fleet = fleet_on(cluster, procs, directory)
+    with own_cluster(procs, directory) as (cluster, fleet):
         shortest = 3.0  # for a 250 ms election timeout: refused below, see the unit tests
         refused = pgfence_run("run", "--", "true", env=fleet.env("X", 2.9))
         assert refused.returncode == 64 and "too short" in refused.stderr, refused.stderr
-        holder = fleet.start("A", shortest)
+        holder = fleet.start("A", ttl=shortest)
         h.started(fleet.log, "A", timeout=30)
         for _ in range(3):
             time.sleep(1.0)
@@ -220,11 +177,7 @@ def test_the_shortest_ttl_survives_leader_crashes(procs: Registry, tmp_path: obj
             assert holder.poll() is None, fleet.stderr("A")
             cluster.start_member(crashed)
         assert "self_fenced" not in fleet.stderr("A") and len(fleet.starts()) == 1
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
-    finally:
-        procs.cleanup()
-        cluster.stop()
+        fleet.stop(holder, "A")
 
 
 # -- 6. a full etcd database ------------------------------------------------------------------
@@ -236,13 +189,8 @@ def test_a_full_etcd_keeps_its_holder_and_says_so_to_a_new_one(
 ) -> None:
     directory = str(tmp_path)
     quota = 4 * 1024 * 1024
-    cluster = h.EtcdCluster(
-        os.path.join(directory, "etcd"), size=3, extra=["--quota-backend-bytes", str(quota)]
-    )
-    os.makedirs(cluster.directory)
-    try:
-        cluster.start()
-        fleet = fleet_on(cluster, procs, directory)
+    extra = ["--quota-backend-bytes", str(quota)]
+    with own_cluster(procs, directory, extra=extra) as (cluster, fleet):
         holder = fleet.start("A")
         a = h.started(fleet.log, "A", timeout=30)
         revision = lambda: int(  # noqa: E731
@@ -262,15 +210,11 @@ def test_a_full_etcd_keeps_its_holder_and_says_so_to_a_new_one(
         assert holder.poll() is None and alive(a.pid), fleet.stderr("A")
         assert "database is full" in fleet.stderr("A")
 
-        other = fleet_on(cluster, procs, directory)
+        other = Fleet.on(cluster, procs, directory)
         refused = pgfence_run("run", "--no-wait", "--", "true", env=other.env("B"))
         assert refused.returncode == 74, refused.stderr
         assert "database is full" in refused.stderr and "no etcd endpoint" not in refused.stderr
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
-    finally:
-        procs.cleanup()
-        cluster.stop()
+        fleet.stop(holder, "A")
 
 
 # -- 3. credential changes mid-hold -----------------------------------------------------------
@@ -292,16 +236,12 @@ def test_user_changes_and_a_rotated_password_do_not_fence_the_holder(
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command")
     directory = str(tmp_path)
-    os.makedirs(os.path.join(directory, "etcd"))
     extra = jwt_keys(directory) if token == "jwt" else []
-    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3, extra=extra)
     password_file = os.path.join(directory, "password")
     with open(password_file, "w") as f:
         f.write("first-password\n")
-    try:
-        cluster.start()
+    with own_cluster(procs, directory, extra=extra) as (cluster, fleet):
         cluster.enable_auth("fence", "first-password", "/pgfence/")
-        fleet = fleet_on(cluster, procs, directory)
         env = {"FENCE_ETCD_USER": "fence", "FENCE_ETCD_PASSWORD_FILE": password_file}
         holder = fleet.start("A", **env)
         a = h.started(fleet.log, "A", timeout=30)
@@ -319,11 +259,7 @@ def test_user_changes_and_a_rotated_password_do_not_fence_the_holder(
         time.sleep(2 * TTL)
         assert holder.poll() is None and alive(a.pid), fleet.stderr("A")
         assert "lost the lock" not in fleet.stderr("A")
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
-    finally:
-        procs.cleanup()
-        cluster.stop()
+        fleet.stop(holder, "A")
 
 
 # -- 1, as it happens: an etcd leader stuck in fdatasync revokes a renewed lease -------------
@@ -356,12 +292,8 @@ def test_a_stuck_leader_revoking_a_renewed_lease_starts_no_second_server(
     resumes its lessor's stale revoke is applied. A contender started the moment the
     key is gone (it never saw it) must not start its child while the holder's runs."""
     directory = str(tmp_path)
-    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3)
-    os.makedirs(cluster.directory)
-    try:
-        cluster.start()
-        fleet = fleet_on(cluster, procs, directory)
-        holder = fleet.start("A", 12.0)  # renewals 2 s apart: a wide window
+    with own_cluster(procs, directory) as (cluster, fleet):
+        holder = fleet.start("A", ttl=12.0)  # renewals 2 s apart: a wide window
         a = h.started(fleet.log, "A", timeout=30)
         death = h.DeathWatch(a.pid)
         stuck = leader(cluster)
@@ -378,7 +310,7 @@ def test_a_stuck_leader_revoking_a_renewed_lease_starts_no_second_server(
         contender = None
         while time.monotonic() < deadline and holder.poll() is None:
             if key_present(cluster, others[0], fleet.key) is False:
-                contender = fleet.start("B", 12.0)  # fresh: its first read finds no key
+                contender = fleet.start("B", ttl=12.0)  # fresh: its first read finds no key
                 break
             time.sleep(0.02)
         strace.send_signal(signal.SIGINT)
@@ -390,9 +322,6 @@ def test_a_stuck_leader_revoking_a_renewed_lease_starts_no_second_server(
         assert contender is not None, "the stale revoke did not happen this time"
         b = h.started(fleet.log, "B", timeout=60)
         assert died < b.time, (b.time - died, fleet.stderr("B"))
-    finally:
-        procs.cleanup()
-        cluster.stop()
 
 
 @pytest.mark.timeout(240)
@@ -410,13 +339,9 @@ def test_a_client_certificate_replaced_mid_hold_is_used_for_new_connections(
     cert, key = os.path.join(directory, "client.crt"), os.path.join(directory, "client.key")
     shutil.copy(tls.client_cert, cert)
     shutil.copy(tls.client_key, key)
-    cluster = h.EtcdCluster(os.path.join(directory, "etcd"), size=3, tls=tls)
-    os.makedirs(cluster.directory)
-    try:
-        cluster.start()
-        fleet = fleet_on(cluster, procs, directory)
+    with own_cluster(procs, directory, tls=tls) as (cluster, fleet):
         files = {"FENCE_ETCD_CA_FILE": tls.ca, "FENCE_ETCD_CERT_FILE": cert}
-        holder = fleet.start("A", 4.0, FENCE_ETCD_KEY_FILE=key, **files)
+        holder = fleet.start("A", ttl=4.0, FENCE_ETCD_KEY_FILE=key, **files)
         a = h.started(fleet.log, "A", timeout=30)
 
         new_cert, new_key = h.issue_client_cert(tls, os.path.join(directory, "new"), "renewed")
@@ -434,11 +359,7 @@ def test_a_client_certificate_replaced_mid_hold_is_used_for_new_connections(
         time.sleep(4.0)
         assert holder.poll() is None and alive(a.pid), fleet.stderr("A")
         assert "read the etcd TLS files again" in fleet.stderr("A")
-        holder.send_signal(signal.SIGTERM)
-        assert holder.wait(timeout=30) == 0, fleet.stderr("A")
-    finally:
-        procs.cleanup()
-        cluster.stop()
+        fleet.stop(holder, "A")
 
 
 # -- 4. the generation across a restore, a new cluster and a switch of backends -------------

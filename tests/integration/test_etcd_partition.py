@@ -23,14 +23,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import PGFENCE, needs_root
+from conftest import PGFENCE, needs_etcd, needs_root
 from harness import etcd as h
 from harness.procs import Registry, alive
 
 pytestmark = [
     pytest.mark.integration,
     needs_root,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
+    needs_etcd,
 ]
 TTL = 3.0
 

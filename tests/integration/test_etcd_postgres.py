@@ -15,16 +15,17 @@ import time
 
 import pytest
 
-from conftest import PGFENCE, needs_pg, needs_root
+from conftest import PGFENCE, needs_etcd, needs_pg, needs_root
 from harness import etcd as h
 from harness import pg
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 
 pytestmark = [
     needs_root,
     needs_pg,
     pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
+    needs_etcd,
 ]
 TTL = 3.0
 
@@ -71,7 +72,9 @@ def test_postgres_is_killed_when_etcd_stops_answering_and_taken_over_after(
         cluster.signal_member(0, signal.SIGSTOP)  # etcd stops answering anyone
         try:
             assert holder.wait(timeout=60) == 75, stderr("A")
-            h.wait_for("the holder's server to be gone", lambda: not any(map(alive, servers)), 30)
+            wait_for(
+                lambda: not any(map(alive, servers)), "the holder's server to be gone", 30, 0.05
+            )
             # No lease can expire while etcd is frozen: the contender must still wait.
             assert not pg.is_ready(port_b) and contender.poll() is None, stderr("B")
         finally:

@@ -18,14 +18,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import PGFENCE, pgfence_run
+from conftest import PGFENCE, needs_etcd, pgfence_run
 from harness import etcd as h
 from harness.procs import Registry
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not h.available(), reason="needs etcd and etcdctl (Debian etcd-server)"),
-]
+pytestmark = [pytest.mark.integration, needs_etcd]
 TTL = 3.0
 USER = "fence"
 PASSWORD = "s3cret-" + uuid.uuid4().hex  # must never show up in argv, env or messages

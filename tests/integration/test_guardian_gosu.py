@@ -17,8 +17,9 @@ import pytest
 from conftest import PGFENCE, needs_pg, needs_root
 from harness import pg
 from harness.containers import container_env, make_bin_dir, server_args
-from harness.fence import clean_env, first_line, read_text, wait_for
+from harness.fence import clean_env, first_line, read_text
 from harness.procs import Registry, alive, descendants
+from harness.waiting import wait_for
 
 PSQL = os.path.join(pg.PG_BIN, "psql")
 SLEEP = "SELECT pg_sleep(600)"
@@ -55,7 +56,7 @@ class GosuServer:
         (self.postmaster,) = [int(p) for p in children if int(p) != self.guardian]
         assert self.postmaster in pg.postmaster_pids(datadir)
         self.client = procs.start(
-            [PSQL, "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-Xqc", SLEEP],
+            [PSQL, *pg.client_args(self.port), "-Xqc", SLEEP],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

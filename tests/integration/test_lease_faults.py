@@ -43,6 +43,7 @@ from harness.faults import (
     write_atomically,
 )
 from harness.lease import (
+    POLL,
     TAKEOVER_WAIT,
     Node,
     all_dead,
@@ -52,9 +53,10 @@ from harness.lease import (
     prepare_cluster,
     read_lock,
     record_timing,
-    wait_for,
+    seen_at,
 )
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 from harness.writer import Writer, boottime, missing
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
@@ -205,7 +207,7 @@ def test_frozen_holder_is_fenced_on_thaw_before_serving_again(
         freeze.thaw(old)
         writer.resume(old.port)
         status = old.wait_exit(30)
-        gone = wait_for(lambda: all_dead(old_tree), 30, "the old server's tree to die")
+        gone = seen_at(lambda: all_dead(old_tree), "the old server's tree to die", 30)
         record_timing("fence_after_thaw", gone - thawed, method=freeze.method)
         writer.wait_acks(new.port, 10)
     # The thawed holder did not take its lease back (patroni#2787): the new holder kept
@@ -277,7 +279,7 @@ def test_storage_fault_makes_the_holder_kill_its_server_and_exit_75(
         tree = node.server_pids()
         faulted = boottime()
         storage_fault(lock_fs, fault, True)
-        gone = wait_for(lambda: all_dead(tree), 30, "the server's tree to die")
+        gone = seen_at(lambda: all_dead(tree), "the server's tree to die", 30)
         status = node.wait_exit(30)
     last_beat = read_lock(lock)
     assert last_beat is not None
@@ -310,11 +312,11 @@ def test_negative_control_strict_holder_keeps_serving_on_storage_fault(
     with Writer([node.port], os.path.join(shared_dir, "acks.log")) as writer:
         writer.wait_acks(node.port, 5)
         storage_fault(lock_fs, "read-only", True)
-        wait_for(lambda: node.events("renew_failed"), 30, "a failed heartbeat")
+        wait_for(lambda: node.events("renew_failed"), "a failed heartbeat", 30, POLL)
         faulted = boottime()
         # Well past a lease holder's deadline and a contender's takeover wait.
         writer.wait_acks(node.port, 10)
-        wait_for(lambda: boottime() - faulted > 2 * TAKEOVER_WAIT, 30, "time to pass", 0.1)
+        wait_for(lambda: boottime() - faulted > 2 * TAKEOVER_WAIT, "time to pass", 30, 0.1)
         writer.wait_acks(node.port, 5)
     assert node.running() and alive(node.postmaster())
     storage_fault(lock_fs, "read-only", False)
@@ -336,7 +338,7 @@ def test_stolen_lock_makes_the_holder_kill_its_server_and_leave_the_lock(
         tree = node.server_pids()
         data = steal_lock(lock_path, kind)
         stolen = boottime()
-        gone = wait_for(lambda: all_dead(tree), 30, "the server's tree to die")
+        gone = seen_at(lambda: all_dead(tree), "the server's tree to die", 30)
         status = node.wait_exit(30)
     record_timing("self_fence_after_stolen_lock", gone - stolen, lock=kind)
     assert status == 75, node.log_text()
@@ -364,7 +366,7 @@ def test_negative_control_stopped_supervisor_lets_its_server_outlive_a_stolen_lo
         data = steal_lock(lock_path, "record")
         stolen = boottime()
         writer.wait_acks(node.port, 10)
-        wait_for(lambda: boottime() - stolen > TAKEOVER_WAIT, 30, "time to pass", 0.1)
+        wait_for(lambda: boottime() - stolen > TAKEOVER_WAIT, "time to pass", 30, 0.1)
         writer.wait_acks(node.port, 3)
         assert alive(postmaster)
         tree = node.server_pids()
@@ -395,7 +397,9 @@ def test_many_contenders_exactly_one_takes_over_each_round(
             c = Contender(procs, shared_dir, lock_path, log, n)
             contenders[c.token] = c
             n += 1
-        wait_for(lambda r=round_: len(child_intervals(log)) > r, 60, f"round {round_}'s winner")
+        wait_for(
+            lambda r=round_: len(child_intervals(log)) > r, f"round {round_}'s winner", 60, POLL
+        )
         # Give a second winner every chance to appear: losers poll every TTL/10.
         time.sleep(1.0)
         intervals = child_intervals(log)
@@ -408,7 +412,7 @@ def test_many_contenders_exactly_one_takes_over_each_round(
         assert all(c.proc.poll() is None for c in contenders.values()), "a loser gave up"
         child = started_pid(log, gen)
         winner.proc.kill()  # SIGKILL: its child dies by the parent-death signal
-        wait_for(lambda c=child: not alive(c), 10, "the winner's child to die", 0.001)
+        wait_for(lambda c=child: not alive(c), "the winner's child to die", 10, 0.001)
         record_stop(log, gen, child)
         winner.proc.wait(10)
     intervals = child_intervals(log)
@@ -430,7 +434,12 @@ def test_negative_control_unfenced_children_overlap(procs: Registry, shared_dir:
     """Two of the same children started without pgfence: the interval check sees them."""
     log = os.path.join(shared_dir, "intervals.log")
     kids = [procs.start([sys.executable, "-c", CHILD, log]) for _ in range(2)]
-    wait_for(lambda: len(child_intervals(log)) == 2 if os.path.exists(log) else False, 30, "")
+    wait_for(
+        lambda: len(child_intervals(log)) == 2 if os.path.exists(log) else False,
+        "both children",
+        30,
+        POLL,
+    )
     for kid in kids:
         kid.kill()
         kid.wait(10)
@@ -530,10 +539,10 @@ def test_randomised_failovers_lose_no_commit_and_corrupt_nothing(
             if fault in ("read-only", "full"):
                 assert old.wait_exit(30) == 75, old.log_text()
                 storage_fault(lock_fs, fault, False)
-            ready = wait_for(
+            ready = seen_at(
                 lambda s=slot, g=before.generation: taken_over(s, g),
-                60,
                 f"takeover after {fault}",
+                60,
                 0.02,
             )
             acquired = nodes[slot].events("acquired")[-1]
@@ -551,7 +560,7 @@ def test_randomised_failovers_lose_no_commit_and_corrupt_nothing(
                     old.box.continue_all()
                 writer.resume(old.port)
             status = old.wait_exit(30)
-            wait_for(lambda t=tree: all_dead(t), 30, "the old server's tree to die")
+            wait_for(lambda t=tree: all_dead(t), "the old server's tree to die", 30, POLL)
             expected = STATUS_AFTER.get(fault, 75)
             assert expected is None or status == expected, f"{fault}: {old.log_text()}"
             failovers += 1

@@ -20,8 +20,9 @@ import pytest
 from conftest import needs_pg, needs_root
 from harness.contenders import Contender, child_intervals, overlaps, record_stop, started_pid
 from harness.faults import foreign_record, write_atomically
-from harness.lease import DEADLINE, TAKEOVER_WAIT, events, read_lock, wait_for
+from harness.lease import DEADLINE, POLL, TAKEOVER_WAIT, events, read_lock
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 from pgfence.backends.file.lockfile import LockFile
 from pgfence.record import LockRecord, parse
 from pgfence.timings import Timings, claim_limit
@@ -84,16 +85,16 @@ def test_contender_paused_before_its_rename_does_not_start_over_a_newer_holder(
     delay = 3 * TAKEOVER_WAIT + 1
     late = Contender(procs, shared_dir, lock_path, log, 0, prefix=strace_delay(delay, 3))
     claim = f"{lock_path}.takeover-2-1"
-    wait_for(lambda: os.path.exists(claim), 30, "the late contender's claim", 0.01)
+    wait_for(lambda: os.path.exists(claim), "the late contender's claim", 30, 0.01)
     other = Contender(procs, shared_dir, lock_path, log, 1)  # finds that claim busy
-    wait_for(lambda: len(child_intervals(log)) >= 1, 60, "the other contender's child", 0.01)
+    wait_for(lambda: len(child_intervals(log)) >= 1, "the other contender's child", 60, 0.01)
     first = read_lock(lock_path)
     assert first is not None and first.token == other.token
     child = started_pid(log, str(first.generation))
-    wait_for(lambda: not alive(child), 30, "the overtaken holder to kill its child", 0.001)
+    wait_for(lambda: not alive(child), "the overtaken holder to kill its child", 30, 0.001)
     record_stop(log, first.generation, child)
     assert other.proc.wait(30) == 75
-    wait_for(lambda: len(child_intervals(log)) >= 2, 60, "the late contender's child")
+    wait_for(lambda: len(child_intervals(log)) >= 2, "the late contender's child", 60, POLL)
     intervals = child_intervals(log)
     assert len(intervals) == 2
     assert overlaps(intervals) == []

@@ -23,7 +23,8 @@ from conftest import PGFENCE, needs_pg, needs_root, pgfence_run
 from harness import pg
 from harness.containers import Container, container_env, read_lock, sandbox_pid_uid
 from harness.procs import Registry
-from harness.watch import PostmasterWatch, wait_until
+from harness.waiting import wait_for
+from harness.watch import PostmasterWatch
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
 
@@ -102,12 +103,6 @@ def _file_state(path: str) -> tuple[bytes, int, int] | None:
         return None
 
 
-def query(port: int, sql: str) -> str:
-    result = pg.psql(port, sql, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def status(lock: str, *options: str) -> dict[str, object]:
     result = pgfence_run("status", "--lock-file", lock, "--json", *options, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -137,7 +132,7 @@ def test_second_container_is_fenced_out_until_first_stops_cleanly(
     site: Site, style: str, stop_signal: int
 ) -> None:
     a, port_a = site.serving("pg-a", style=style)
-    query(port_a, "CREATE TABLE t (v text); INSERT INTO t VALUES ('from a')")
+    pg.query(port_a, "CREATE TABLE t (v text); INSERT INTO t VALUES ('from a')")
     init = a.init_pid()
     assert sandbox_pid_uid(init) == (0 if style == "root" else postgres_uid())
     held = read_lock(site.lock)
@@ -150,17 +145,19 @@ def test_second_container_is_fenced_out_until_first_stops_cleanly(
     assert "'pg-a'" in b.log()
 
     # The first keeps serving, still under the same holder.
-    query(port_a, "INSERT INTO t VALUES ('after b was refused')")
-    assert query(port_a, "SELECT count(*) FROM t") == "2"
+    pg.query(port_a, "INSERT INTO t VALUES ('after b was refused')")
+    assert pg.query(port_a, "SELECT count(*) FROM t") == "2"
     now = read_lock(site.lock)
     assert now is not None and now["instance"] == held["instance"]
     assert pg.postmaster_pids(site.datadir) == [postmaster]
 
     # Operators see a live holder; a plain release refuses to remove its lock.
-    wait_until(lambda: status(site.lock)["alive"] is True, "status to call pg-a alive")
-    wait_until(
+    wait_for(lambda: status(site.lock)["alive"] is True, "status to call pg-a alive", 60, 0.1)
+    wait_for(
         lambda: pgfence_run("check", "--lock-file", site.lock, "--token", "pg-a").returncode == 0,
         "pgfence check to call pg-a's hold healthy",
+        60,
+        0.1,
     )
     assert pgfence_run("check", "--lock-file", site.lock, "--token", "pg-b").returncode == 1
     refused = pgfence_run("release", "--lock-file", site.lock, timeout=120)
@@ -181,7 +178,7 @@ def test_second_container_is_fenced_out_until_first_stops_cleanly(
 
     # Now the second container comes up on the same data, as the next generation.
     b2, port_b = site.serving("pg-b", style=style)
-    assert query(port_b, "SELECT string_agg(v, ',' ORDER BY v) FROM t") == (
+    assert pg.query(port_b, "SELECT string_agg(v, ',' ORDER BY v) FROM t") == (
         "after b was refused,from a"
     )
     held_b = read_lock(site.lock)
@@ -195,7 +192,7 @@ def test_second_container_is_fenced_out_until_first_stops_cleanly(
 def _kill_holder(site: Site, style: str = "root") -> tuple[Container, dict[str, str]]:
     """A serving container with a 1 s heartbeat, then SIGKILL of its whole sandbox."""
     a, port = site.serving("pg-a", style=style, options=("--heartbeat-interval", "1"))
-    query(port, "CREATE TABLE t (v text); INSERT INTO t VALUES ('committed before kill')")
+    pg.query(port, "CREATE TABLE t (v text); INSERT INTO t VALUES ('committed before kill')")
     a.kill()
     a.wait(timeout=30)
     assert pg.postmaster_pids(site.datadir) == []
@@ -206,7 +203,7 @@ def _kill_holder(site: Site, style: str = "root") -> tuple[Container, dict[str, 
 
 def _next_container_serves(site: Site, killed: dict[str, str]) -> None:
     b, port = site.serving("pg-b")
-    assert query(port, "SELECT v FROM t") == "committed before kill"
+    assert pg.query(port, "SELECT v FROM t") == "committed before kill"
     lock = read_lock(site.lock)
     assert lock is not None and lock["token"] == "pg-b"
     assert int(lock["generation"]) == int(killed["generation"]) + 1
@@ -222,9 +219,11 @@ def test_killed_holder_is_silent_and_release_clears_it(site: Site) -> None:
     assert read_lock(site.lock) == killed  # refusing touched nothing
 
     # Same machine: status reads the holder's heartbeat age off the shared boot clock.
-    state = wait_until(
+    state = wait_for(
         lambda: (s := status(site.lock))["alive"] is False and s,
         "status to call the killed holder silent",
+        60,
+        0.1,
     )
     assert state["state"] == "held" and state["age_basis"] == "same-boot clock"
     holder = state["holder"]
@@ -270,7 +269,7 @@ def test_holder_on_another_machine_is_judged_by_observation(site: Site) -> None:
     with open(boot, "w") as f:
         f.write("0badb007-0000-4000-8000-000000000000\n")
     a, port = site.serving("pg-a", options=("--heartbeat-interval", "1"), prefix=(*FAKE_BOOT, boot))
-    query(port, "CREATE TABLE t (v text); INSERT INTO t VALUES ('committed before kill')")
+    pg.query(port, "CREATE TABLE t (v text); INSERT INTO t VALUES ('committed before kill')")
     killed = read_lock(site.lock)
     assert killed is not None and killed["boot_id"] == "0badb007-0000-4000-8000-000000000000"
 

@@ -25,10 +25,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from conftest import needs_root
+from conftest import needs_root, pgfence_run
 from harness.fence import clean_env
-from harness.lease import DEADLINE, PGFENCE, TAKEOVER_WAIT, TTL, events, read_lock, wait_for
+from harness.lease import DEADLINE, PGFENCE, POLL, TAKEOVER_WAIT, TTL, events, read_lock
 from harness.procs import Registry, alive
+from harness.waiting import wait_for
 from pgfence.record import LockRecord, parse
 
 pytestmark = [needs_root, pytest.mark.integration]
@@ -120,14 +121,14 @@ def _release_delayed(
     log = os.path.join(shared_dir, "starts.log")
     delayed = strace(lock_path, "unlink", f"delay_enter={int(delay * 1e6)}:when=1")
     holder, holder_log = fence(procs, shared_dir, lock_path, "holder", LEASE, log, 1.0, delayed)
-    wait_for(lambda: starts(log), 30, "the holder's command")
+    wait_for(lambda: starts(log), "the holder's command", 30, POLL)
     monitor = OverlapMonitor(log)
     monitor.start()
     contender_logs = [
         fence(procs, shared_dir, lock_path, f"contender-{n}", LEASE, log)[1] for n in range(2)
     ]
     assert holder.wait(delay + 30) == 0, events(holder_log)
-    wait_for(lambda: len(starts(log)) >= 2, 60, "a contender's command")
+    wait_for(lambda: len(starts(log)) >= 2, "a contender's command", 60, POLL)
     # A lock deleted under a contender lets the other start within a poll interval; a
     # lock overwritten under it makes it stop within a renewal interval. Wait for both.
     time.sleep(TAKEOVER_WAIT + 1)
@@ -187,14 +188,14 @@ def test_a_strict_holder_whose_heartbeats_fail_stops_before_a_same_token_takeove
     own_mounts = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                   'mount --bind "$0" "$0" && exec "$@"', locks]  # fmt: skip
     holder, holder_log = fence(procs, shared_dir, lock_path, "db", strict, log, prefix=own_mounts)
-    wait_for(lambda: starts(log), 30, "the holder's command")
+    wait_for(lambda: starts(log), "the holder's command", 30, POLL)
     monitor = OverlapMonitor(log)
     monitor.start()
     remount = ["nsenter", "-t", str(holder.pid), "-m", "mount", "-o", "remount,bind,ro"]
     done = subprocess.run([*remount, locks], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     contender, contender_log = fence(procs, shared_dir, lock_path, "db", strict, log)
-    wait_for(lambda: len(starts(log)) >= 2, 40, "the takeover")
+    wait_for(lambda: len(starts(log)) >= 2, "the takeover", 40, POLL)
     time.sleep(1)
     assert monitor.stop() == []
     assert holder.wait(30) == 75
@@ -280,13 +281,8 @@ def test_a_crash_at_any_call_of_an_acquisition_never_repeats_a_generation(
             left = _generation_in(lock_path)
             handed_out += new + ([left] if left is not None and left not in new else [])
             assert status == -9, f"{call} #{occurrence} of {count}: exit {status}"
-            done = subprocess.run(
-                [PGFENCE, "release", "--force", "--lock-file", lock_path, "--token", "op"],
-                env=clean_env(),
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            release = ("release", "--force", "--lock-file", lock_path, "--token", "op")
+            done = pgfence_run(*release, env=clean_env(), timeout=60)
             assert done.returncode == 0, done.stderr
             assert handed_out == sorted(set(handed_out)), (call, occurrence, handed_out)
     _prepare(lock_path, start)
@@ -305,6 +301,6 @@ def test_the_overlap_monitor_sees_two_commands(
     monitor.start()
     fence(procs, shared_dir, lock_path, "a", LEASE, log)
     fence(procs, shared_dir, f"{lock_path}-other", "b", LEASE, log)
-    wait_for(lambda: len(starts(log)) >= 2, 30, "both commands")
+    wait_for(lambda: len(starts(log)) >= 2, "both commands", 30, POLL)
     time.sleep(DEADLINE)
     assert monitor.stop() != []

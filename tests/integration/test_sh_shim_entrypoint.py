@@ -16,21 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_pg, needs_root
+from conftest import needs_pg, needs_root, pgfence_run
 from harness import pg
 from harness.containers import Container, cmdline, container_env, make_bin_dir, read_lock
-from harness.fence import PGFENCE, clean_env, write_file
+from harness.fence import clean_env, write_file
 from harness.procs import Registry
 from harness.watch import PostmasterWatch
 from test_sh_shim import SHELLS, SHIM_TEXT, TOOLS
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
-
-
-def query(port: int, sql: str) -> str:
-    result = pg.psql(port, sql, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 @pytest.mark.timeout(300)
@@ -62,7 +56,7 @@ def test_sh_shim_fences_the_official_entrypoints_server(
 
     a, port_a = container("sh-a")
     pg.wait_ready(port_a, timeout=90, proc=a.proc)
-    assert query(port_a, "SELECT host FROM fence_init") == "sh-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "sh-a"
     # PID 1 is the real server: the shim exec'd it, with the lock in its record.
     init = a.init_pid()
     assert cmdline(init)[0].endswith("/postgres") and pg.PG_BIN in cmdline(init)[0]
@@ -84,7 +78,7 @@ def test_sh_shim_fences_the_official_entrypoints_server(
     assert code == 73, b.log()
     assert "fenced out" in b.log() and "'sh-a'" in b.log()
     assert not watch.new(), "a second postmaster appeared"
-    query(port_a, "INSERT INTO fence_init (host) VALUES ('still a')")
+    pg.query(port_a, "INSERT INTO fence_init (host) VALUES ('still a')")
 
     # The server stops cleanly; nothing releases its lock (nothing supervised it).
     os.kill(init, signal.SIGINT)
@@ -99,7 +93,7 @@ def test_sh_shim_fences_the_official_entrypoints_server(
     b3, port_b = container("sh-b")
     pg.wait_ready(port_b, timeout=90, proc=b3.proc)
     assert "skipping initialisation" in b3.log()
-    rows = query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init")
+    rows = pg.query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init")
     assert rows == "sh-a,still a"
     held_b = read_lock(lock)
     assert held_b is not None and held_b["token"] == "sh-b" and held_b["generation"] == "2"
@@ -108,36 +102,15 @@ def test_sh_shim_fences_the_official_entrypoints_server(
 
 
 def pg_status(lock: str) -> str:
-    import subprocess
-
-    result = subprocess.run(
-        [PGFENCE, "status", "--lock-file", lock, "--token", "operator"],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = pgfence_run("status", "--lock-file", lock, "--token", "operator", env=clean_env())
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def pg_release(lock: str) -> str:
-    import subprocess
-
-    refused = subprocess.run(
-        [PGFENCE, "release", "--lock-file", lock, "--token", "operator"],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    operator = ("--lock-file", lock, "--token", "operator")
+    refused = pgfence_run("release", *operator, env=clean_env())
     assert refused.returncode == 73 and "--force" in refused.stderr, refused.stderr
-    result = subprocess.run(
-        [PGFENCE, "release", "--force", "--lock-file", lock, "--token", "operator"],
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = pgfence_run("release", "--force", *operator, env=clean_env())
     assert result.returncode == 0, result.stderr
     return result.stdout

@@ -72,12 +72,6 @@ class Volume:
         return box, port
 
 
-def query(port: int, sql: str) -> str:
-    result = pg.psql(port, sql, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def generation(lock: str) -> str:
     """The highest generation in `<lock>.generation` (followed by the winner's instance)."""
     with open(f"{lock}.generation") as f:
@@ -99,7 +93,7 @@ def test_shim_fences_the_server_the_entrypoint_execs(
     a, port_a = vol.serving("shim-a")
     log_a = a.log()
     assert "entrypoint: initialising" in log_a and "init process complete" in log_a
-    assert query(port_a, "SELECT host FROM fence_init") == "shim-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "shim-a"
 
     # PID 1 is the shim (pgfence under the name `postgres`), running as postgres; it
     # holds the lock and supervises the real server.
@@ -168,7 +162,7 @@ def test_shim_fences_the_server_the_entrypoint_execs(
     assert all(line.startswith("changed directory pgdata:") for line in diff), diff
     assert before["pgdata"][:5] == after["pgdata"][:5]  # mode, owner, size, mtime
 
-    query(port_a, "INSERT INTO fence_init (host) VALUES ('still a')")
+    pg.query(port_a, "INSERT INTO fence_init (host) VALUES ('still a')")
 
     # Stop the first cleanly: SIGTERM to PID 1, the shim, which forwards it.
     os.kill(init, signal.SIGTERM)
@@ -178,7 +172,7 @@ def test_shim_fences_the_server_the_entrypoint_execs(
 
     b2, port_b = vol.serving("shim-b")
     assert "skipping initialisation" in b2.log()
-    assert query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init") == (
+    assert pg.query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init") == (
         "shim-a,still a"
     )
     held_b = read_lock(vol.lock)
@@ -207,13 +201,13 @@ def test_shim_with_the_seed_lock_path_inside_pgdata(
 
     b = vol.container("seed-b")[0]
     assert b.wait(timeout=60) == 73, b.log()
-    assert query(port_a, "SELECT host FROM fence_init") == "seed-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "seed-a"
 
     os.kill(a.init_pid(), signal.SIGINT)
     assert a.wait(timeout=90) == 0, a.log()
     assert read_lock(vol.lock) is None
     b2, port_b = vol.serving("seed-b")
     assert "skipping initialisation" in b2.log()
-    assert query(port_b, "SELECT host FROM fence_init") == "seed-a"
+    assert pg.query(port_b, "SELECT host FROM fence_init") == "seed-a"
     os.kill(b2.init_pid(), signal.SIGINT)
     assert b2.wait(timeout=90) == 0, b2.log()

@@ -28,9 +28,10 @@ from harness.containers import (
     sandbox_pid_uid,
     server_args,
 )
-from harness.procs import Registry
+from harness.procs import Registry, stat_fields
 from harness.volume import changes, snapshot
-from harness.watch import PostmasterWatch, freeze, thaw, wait_until
+from harness.waiting import wait_for
+from harness.watch import PostmasterWatch, freeze, thaw
 
 pytestmark = [needs_root, needs_pg, pytest.mark.integration]
 
@@ -81,12 +82,6 @@ class Volume:
         return box, port
 
 
-def query(port: int, sql: str) -> str:
-    result = pg.psql(port, sql, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
 def stop(box: Container, signum: int = signal.SIGTERM) -> None:
     os.kill(box.init_pid(), signum)
     assert box.wait(timeout=90) == 0, box.log()
@@ -123,7 +118,7 @@ def test_wrapper_fences_initdb_and_server(procs: Registry, shared_dir: str, tmp_
     # The lock came first, then the entrypoint initialised the empty volume under it.
     assert log_a.index("acquired") < log_a.index("entrypoint: initialising")
     assert "init process complete" in log_a
-    assert query(port_a, "SELECT host FROM fence_init") == "wrap-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "wrap-a"
     held = read_lock(vol.lock)
     assert held is not None and held["token"] == "wrap-a" and held["pid"] == "1"
     assert held["generation"] == "1"
@@ -133,14 +128,14 @@ def test_wrapper_fences_initdb_and_server(procs: Registry, shared_dir: str, tmp_
     assert sandbox_pid_uid(postmaster) != 0
 
     assert_refused_untouched(vol, a, "wrap-b")
-    query(port_a, "INSERT INTO fence_init (host) VALUES ('a after b')")
+    pg.query(port_a, "INSERT INTO fence_init (host) VALUES ('a after b')")
     assert pg.postmaster_pids(vol.pgdata) == [postmaster]
 
     stop(a)
     assert read_lock(vol.lock) is None
     b, port_b = vol.serving("wrap-b")
     assert "skipping initialisation" in b.log()
-    assert query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init") == (
+    assert pg.query(port_b, "SELECT string_agg(host, ',' ORDER BY host) FROM fence_init") == (
         "a after b,wrap-a"
     )
     held_b = read_lock(vol.lock)
@@ -158,17 +153,18 @@ def test_wrapper_two_containers_start_together_on_an_empty_volume(
     entrypoint runs."""
     vol = Volume(procs, shared_dir, str(tmp_path))
     boxes = [vol.container("race-a"), vol.container("race-b")]
-    finished = wait_until(
+    finished = wait_for(
         lambda: [box for box, _ in boxes if box.returncode() is not None],
         "one of the two containers to be refused",
         timeout=90,
+        interval=0.1,
     )
     (loser,) = finished
     (winner, port) = next((box, port) for box, port in boxes if box is not loser)
     assert loser.wait(timeout=10) == 73, loser.log()
     assert "entrypoint:" not in loser.log()
     pg.wait_ready(port, timeout=90, proc=winner.proc)
-    assert query(port, "SELECT host FROM fence_init") == winner.name
+    assert pg.query(port, "SELECT host FROM fence_init") == winner.name
     assert winner.log().count("entrypoint: initialising") == 1
     stop(winner)
 
@@ -188,16 +184,15 @@ def test_wrapper_and_shim_nested(
     log_a = a.log()
     assert f"running {pg.PG_BIN}/postgres directly" in log_a, log_a
     assert "fenced out" not in log_a
-    assert query(port_a, "SELECT host FROM fence_init") == "nest-a"
+    assert pg.query(port_a, "SELECT host FROM fence_init") == "nest-a"
     held = read_lock(vol.lock)
     token = "nest-a-by-flag" if flags else "nest-a"
     assert held is not None and held["token"] == token and held["generation"] == "1"
     # No second supervisor: the server is PID 1's own child, in the fence it names.
     init = a.init_pid()
     (postmaster,) = pg.postmaster_pids(vol.pgdata)
-    with open(f"/proc/{postmaster}/stat", "rb") as f:
-        stat = f.read()
-    assert int(stat[stat.rfind(b")") + 2 :].split()[1]) == init
+    fields = stat_fields(postmaster)
+    assert fields is not None and int(fields[1]) == init
     with open(f"/proc/{postmaster}/environ", "rb") as f:
         environ = dict(item.decode().partition("=")[::2] for item in f.read().split(b"\0") if item)
     assert environ["PGFENCE_INSTANCE"] == held["instance"]
