@@ -100,7 +100,7 @@ class EtcdBackend(Backend):
         self._timings = timings
         self._wait = wait
         self.deadline = self._fence.deadline
-        self.slow = self._fence.slow
+        self.timeouts = self._fence.timeouts
         self._lease_ttl = max(1, math.ceil(timings.ttl))  # etcd counts whole seconds
 
     @classmethod
@@ -222,8 +222,8 @@ class EtcdBackend(Backend):
         """Create the key: our hold, or the key another contender created first. When the
         answer is lost, the lease is kept in `pending`: a key found under it is ours."""
         started = clock.now()
-        until = started + self.deadline
-        lease, granted = self.client.grant(self._lease_ttl, until, self.slow)
+        budget = self.timeouts.bounded(started + self.deadline)
+        lease, granted = self.client.grant(self._lease_ttl, budget)
         record = self._new_record(started)
         value = record.encode()
         try:
@@ -231,8 +231,7 @@ class EtcdBackend(Backend):
                 [compare(self.key, "CREATE", 0)],
                 [put(self.key, value, lease), get(self.key)],
                 [get(self.key)],
-                until=until,
-                timeout=self.slow,
+                budget,
             )
         except PgfenceError:
             pending[lease] = granted  # the create may have landed: we will recognise it
@@ -315,7 +314,7 @@ class EtcdBackend(Backend):
 
     def _lease_left(self, kv: KeyValue) -> str:
         try:
-            left, granted = self.client.time_to_live(kv.lease, timeout=self.slow)
+            left, granted = self.client.time_to_live(kv.lease, self.timeouts.unbounded())
         except PgfenceError:
             return f"{kv.lease:x}"
         return f"{kv.lease:x}, {max(left, 0)} s of {granted} s left"
@@ -360,7 +359,7 @@ class EtcdBackend(Backend):
             [compare(self.key, "MOD", kv.mod_revision)],
             [delete(self.key)],
             [get(self.key)],
-            timeout=self.slow,
+            self.timeouts.unbounded(),
         )
         if not ok:
             now = self._fence.now_holds(first_kv(responses[0]) if responses else None)

@@ -19,6 +19,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Callable, Generic, TypeVar, Union
 
 from pgfence import log
+from pgfence.backends.etcd.budget import RequestTimeouts
 from pgfence.backends.etcd.client import Endpoint, EtcdClient
 from pgfence.errors import UsageError
 from pgfence.timings import Timings
@@ -62,8 +63,7 @@ def open_client(settings: Settings) -> tuple[EtcdClient, str]:
             "an etcd password file is set but no user: set --etcd-user (FENCE_ETCD_USER)"
         )
     tls = tls_source(etcd, endpoints)
-    timeout = request_timeouts(settings.timings)[0]
-    return EtcdClient(endpoints, timeout, tls, etcd.user, password), key
+    return EtcdClient(endpoints, tls, etcd.user, password), key
 
 
 # -- timings ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def check_timings(timings: Timings, election_timeout: float) -> None:
         )
 
 
-def request_timeouts(timings: Timings) -> tuple[float, float]:
+def request_timeouts(timings: Timings) -> RequestTimeouts:
     """(renewal request timeout, timeout of everything else).
 
     A renewal may meet an endpoint that stopped answering and must still fail over to the
@@ -130,7 +130,7 @@ def request_timeouts(timings: Timings) -> tuple[float, float]:
     """
     deadline = timings.deadline or timings.ttl / 2
     fast = min(5.0, max(0.5, deadline / 3))
-    return fast, max(fast, 2.0)
+    return RequestTimeouts(fast, max(fast, 2.0))
 
 
 def is_loopback(host: str) -> bool:
