@@ -18,6 +18,7 @@ import pytest
 from pgfence import clock
 from pgfence.backends.etcd import client as ec
 from pgfence.backends.etcd import hold as etcd_hold
+from pgfence.backends.etcd.budget import Budget
 from pgfence.backends.etcd.config import open_client, parse_endpoints
 from pgfence.backends.etcd.hold import EtcdHold, FenceKey
 from pgfence.config import resolve
@@ -26,6 +27,7 @@ from pgfence.record import LockRecord
 from pgfence.timings import Timings, request_timeouts
 
 Route = Callable[[dict[str, Any]], "tuple[int, Any]"]
+ANY_TIME = Budget.unbounded(2.0)
 
 
 def b64(text: str) -> str:
@@ -251,9 +253,9 @@ def gateways() -> Iterator[Callable[..., FakeGateway]]:
         g.close()
 
 
-def client(*fakes: FakeGateway, timeout: float = 2.0, **kw: Any) -> ec.EtcdClient:
+def client(*fakes: FakeGateway, **kw: Any) -> ec.EtcdClient:
     endpoints = parse_endpoints(",".join(f.url for f in fakes), allow_insecure=False)
-    return ec.EtcdClient(endpoints, timeout, None, **kw)
+    return ec.EtcdClient(endpoints, None, **kw)
 
 
 @pytest.mark.parametrize(("server", "cluster"), [("3.3.25", "3.3.0"), ("3.4.23", "3.3.0")])
@@ -263,14 +265,14 @@ def test_too_old_etcd_is_refused(
     fake = gateways()
     fake.routes["/version"] = version(server, cluster)
     with pytest.raises(ec.EtcdRefused) as err:
-        client(fake).get(b"/k")
+        client(fake).get(b"/k", ANY_TIME)
     assert "3.4 or later" in err.value.message and err.value.exit_code == 64
 
 
 def test_undecided_cluster_version_is_accepted(gateways: Callable[..., FakeGateway]) -> None:
     fake = gateways(v3__kv__range=ok({"header": {"revision": "1"}}))
     fake.routes["/version"] = version("3.5.9", "not_decided")
-    assert client(fake).get(b"/k") is None
+    assert client(fake).get(b"/k", ANY_TIME) is None
 
 
 def test_unavailable_member_is_skipped_and_the_answering_one_kept(
@@ -279,8 +281,8 @@ def test_unavailable_member_is_skipped_and_the_answering_one_kept(
     down = gateways(v3__kv__range=lambda _: (503, {"error": "etcdserver: no leader", "code": 14}))
     up = gateways(v3__kv__range=ok({"kvs": [{"key": b64("/k"), "value": b64("v")}]}))
     c = client(down, up)
-    assert c.get(b"/k") == ec.KeyValue(b"/k", b"v", 0, 0, 0, 0)
-    assert c.get(b"/k") is not None
+    assert c.get(b"/k", ANY_TIME) == ec.KeyValue(b"/k", b"v", 0, 0, 0, 0)
+    assert c.get(b"/k", ANY_TIME) is not None
     assert down.paths().count("/v3/kv/range") == 1  # the second call went to `up` first
     assert up.paths().count("/v3/kv/range") == 2
 
@@ -290,9 +292,9 @@ def test_every_endpoint_down_is_a_storage_error_naming_each(
 ) -> None:
     slow = gateways(v3__kv__range=lambda _: (time.sleep(1.0), (200, {}))[1])
     closed = parse_endpoints(f"http://127.0.0.1:{ec_free_port()}", allow_insecure=False)
-    c = ec.EtcdClient([*closed, *parse_endpoints(slow.url, False)], 0.2, None)
+    c = ec.EtcdClient([*closed, *parse_endpoints(slow.url, False)], None)
     with pytest.raises(ec.EtcdUnavailable) as err:
-        c.get(b"/k")
+        c.get(b"/k", Budget.unbounded(0.2))
     assert err.value.exit_code == 74
     assert "connection refused" in err.value.message and "no answer within" in err.value.message
 
@@ -308,11 +310,11 @@ def ec_free_port() -> int:
 def test_guard_and_budget_are_checked_before_sending(gateways: Callable[..., FakeGateway]) -> None:
     fake = gateways(v3__lease__keepalive=ok({"result": {"TTL": "5"}}))
     c = client(fake)
-    assert c.keepalive(7) == (5, 0)
+    assert c.keepalive(7, ANY_TIME) == (5, 0)
     with pytest.raises(ec.GuardRefused):
-        c.keepalive(7, guard=lambda: False)
+        c.keepalive(7, Budget(2.0, guard=lambda: False))
     with pytest.raises(ec.EtcdUnavailable):
-        c.keepalive(7, until=clock.now() - 1)
+        c.keepalive(7, Budget(2.0, until=clock.now() - 1))
     assert fake.paths().count("/v3/lease/keepalive") == 1
     assert fake.seen[-1][1] == {"ID": "7"}
 
@@ -321,14 +323,14 @@ def test_keepalive_of_an_unknown_lease_reads_as_ttl_zero(
     gateways: Callable[..., FakeGateway],
 ) -> None:
     fake = gateways(v3__lease__keepalive=ok({"result": {"header": {}, "ID": "7"}}))
-    assert client(fake).keepalive(7) == (0, 0)
+    assert client(fake).keepalive(7, ANY_TIME) == (0, 0)
 
 
 def test_keepalive_stream_error_fails_over(gateways: Callable[..., FakeGateway]) -> None:
     error = {"error": {"grpc_code": 14, "http_code": 503, "message": "etcdserver: no leader"}}
     down = gateways(v3__lease__keepalive=ok(error))
     up = gateways(v3__lease__keepalive=ok({"result": {"TTL": "4", "header": {"raft_term": "6"}}}))
-    assert client(down, up).keepalive(7) == (4, 6)
+    assert client(down, up).keepalive(7, ANY_TIME) == (4, 6)
 
 
 def test_txn_absent_succeeded_means_false_and_responses_are_unwrapped(
@@ -339,7 +341,7 @@ def test_txn_absent_succeeded_means_false_and_responses_are_unwrapped(
         v3__kv__txn=ok({"header": {}, "responses": [{"response_range": {"kvs": [kv]}}]})
     )
     ok_, responses = client(fake).txn(
-        [etcd_hold.compare(b"/k", "CREATE", 0)], [], [etcd_hold.get(b"/k")]
+        [etcd_hold.compare(b"/k", "CREATE", 0)], [], [etcd_hold.get(b"/k")], ANY_TIME
     )
     assert ok_ is False
     assert ec.first_kv(responses[0]) == ec.KeyValue(b"/k", b"v", 4, 0, 0, 9)
@@ -361,8 +363,8 @@ def test_auth_token_is_sent_and_renewed_once_when_etcd_forgot_it(
         v3__auth__authenticate=lambda body: (200, {"token": next(tokens)}), v3__kv__range=range_
     )
     c = client(fake, user="u", password="pw")
-    c.get(b"/k")
-    c.get(b"/k")
+    c.get(b"/k", ANY_TIME)
+    c.get(b"/k", ANY_TIME)
     auth = [(body, token) for path, body, token in fake.seen if path.endswith("authenticate")]
     assert auth[0][0] == {"name": "u", "password": "pw"} and len(auth) == 2
     assert [t for p, _, t in fake.seen if p == "/v3/kv/range"] == ["t1", "t1", "t2"]
@@ -374,7 +376,7 @@ def test_wrong_password_is_a_usage_error_without_the_password(
     error = {"error": "etcdserver: authentication failed, invalid user ID or password", "code": 3}
     fake = gateways(v3__auth__authenticate=lambda _: (400, error))
     with pytest.raises(ec.EtcdRefused) as err:
-        client(fake, user="u", password="hunter2").get(b"/k")
+        client(fake, user="u", password="hunter2").get(b"/k", ANY_TIME)
     assert "refused user 'u'" in err.value.message and "hunter2" not in err.value.message
 
 
@@ -384,7 +386,7 @@ def test_gateway_refusing_a_client_certificate_with_a_cn_is_explained(
     text = b"CommonName of client sending a request against gateway will be ignored\n"
     fake = gateways(v3__kv__range=lambda _: (400, text))
     with pytest.raises(ec.EtcdRefused) as err:
-        client(fake).get(b"/k")
+        client(fake).get(b"/k", ANY_TIME)
     assert "without CN" in err.value.message
 
 
@@ -392,7 +394,7 @@ def test_a_non_etcd_server_is_unavailable_not_a_crash(gateways: Callable[..., Fa
     fake = gateways()
     fake.routes["/version"] = lambda _: (200, b"<html>hello</html>")
     with pytest.raises(ec.EtcdUnavailable):
-        client(fake).get(b"/k")
+        client(fake).get(b"/k", ANY_TIME)
 
 
 # -- what a renewal makes of what it finds ---------------------------------------------
@@ -402,12 +404,12 @@ class ScriptedClient(ec.EtcdClient):
     """Answers keepalive and txn from lists, in order."""
 
     def __init__(self, ttls: list[Any], txns: list[Any]) -> None:
-        super().__init__(parse_endpoints("http://127.0.0.1:1", False), 1.0, None)
+        super().__init__(parse_endpoints("http://127.0.0.1:1", False), None)
         self.ttls, self.txns = ttls, txns
         self.sent: list[list[dict[str, Any]]] = []
         self.writes: list[bool] = []  # per txn: did its success branch write
 
-    def keepalive(self, lease: int, guard: Any = None, until: float | None = None) -> Any:
+    def keepalive(self, lease: int, budget: Budget) -> Any:
         answer = self.ttls.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -528,7 +530,7 @@ def test_a_full_database_is_its_own_error_with_the_fix(
     error = {"error": "etcdserver: mvcc: database space exceeded", "code": 8}
     fake = gateways(v3__kv__txn=lambda _: (500, error))
     with pytest.raises(ec.EtcdNoSpace) as err:
-        client(fake).txn([], [], [])
+        client(fake).txn([], [], [], ANY_TIME)
     assert "--auto-compaction-retention" in err.value.message and err.value.exit_code == 74
 
 
@@ -546,8 +548,8 @@ def test_a_stale_jwt_login_and_a_changed_password_file_log_in_again(
 
     fake = gateways(v3__auth__authenticate=lambda body: (200, {"token": "t"}), v3__kv__range=range_)
     c = client(fake, user="u", password=lambda: next(passwords))
-    c.get(b"/k")
-    c.get(b"/k")
+    c.get(b"/k", ANY_TIME)
+    c.get(b"/k", ANY_TIME)
     auth = [body for path, body, _ in fake.seen if path.endswith("authenticate")]
     assert [a["password"] for a in auth] == ["old", "new"]
 

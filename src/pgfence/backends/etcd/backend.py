@@ -98,7 +98,7 @@ class EtcdBackend(Backend, ReleaseSteps):
         self._timings = timings
         self._wait = wait
         self.deadline = self._fence.deadline
-        self.slow = self._fence.slow
+        self.timeouts = self._fence.timeouts
         self._lease_ttl = etcd_lease_seconds(timings.ttl)
 
     @classmethod
@@ -220,8 +220,8 @@ class EtcdBackend(Backend, ReleaseSteps):
         """Create the key: our hold, or the key another contender created first. When the
         answer is lost, the lease is kept in `pending`: a key found under it is ours."""
         started = clock.now()
-        until = started + self.deadline
-        lease, granted = self.client.grant(self._lease_ttl, until, self.slow)
+        budget = self.timeouts.bounded(started + self.deadline)
+        lease, granted = self.client.grant(self._lease_ttl, budget)
         record = self._new_record(started)
         value = record.encode()
         try:
@@ -229,8 +229,7 @@ class EtcdBackend(Backend, ReleaseSteps):
                 [compare(self.key, "CREATE", 0)],
                 [put(self.key, value, lease), get(self.key)],
                 [get(self.key)],
-                until=until,
-                timeout=self.slow,
+                budget,
             )
         except PgfenceError:
             pending[lease] = granted  # the create may have landed: we will recognise it
@@ -313,7 +312,7 @@ class EtcdBackend(Backend, ReleaseSteps):
 
     def _lease_left(self, kv: KeyValue) -> str:
         try:
-            left, granted = self.client.time_to_live(kv.lease, timeout=self.slow)
+            left, granted = self.client.time_to_live(kv.lease, self.timeouts.unbounded())
         except PgfenceError:
             return f"{kv.lease:x}"
         return f"{kv.lease:x}, {max(left, 0)} s of {granted} s left"
@@ -350,7 +349,7 @@ class EtcdBackend(Backend, ReleaseSteps):
             [compare(self.key, "MOD", kv.mod_revision)],
             [delete(self.key)],
             [get(self.key)],
-            timeout=self.slow,
+            self.timeouts.unbounded(),
         )
         if not ok:
             return self._fence.now_holds(first_kv(responses[0]) if responses else None)

@@ -5,10 +5,11 @@ URL, the way Patroni's etcd3 backend uses it: bytes (keys, values) travel as bas
 int64 values arrive as strings, and a field that is absent means zero, false or empty.
 No gRPC client, no protobuf: nothing to keep in step with the image's other libraries.
 
-Every request has a timeout, and may have an overall budget (`until`, on pgfence's
-monotonic clock) and a guard checked right before each send. A transport failure or an
-"unavailable" answer (no leader, request timed out, leader changed) moves on to the next
-endpoint; the one that answered last is tried first next time.
+Every request travels with a budget (etcd/budget.py): its per-request timeout, maybe an
+overall deadline on pgfence's monotonic clock, and maybe a guard checked right before
+each send. A transport failure or an "unavailable" answer (no leader, request timed out,
+leader changed) moves on to the next endpoint, within the same budget; the one that
+answered last is tried first next time.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import re
 import ssl
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from pgfence import clock, log
+from pgfence import log
+from pgfence.backends.etcd.budget import Budget
 from pgfence.errors import StorageError, UsageError
 
 Json = dict[str, Any]
-Guard = Optional[Callable[[], bool]]
 MIN_VERSION = (3, 4)
 UNAVAILABLE_CODES = (4, 8, 14)  # gRPC DeadlineExceeded, ResourceExhausted, Unavailable
 # A login that etcd no longer accepts: a simple token it forgot, or (JWT) a token issued
@@ -138,13 +139,11 @@ class EtcdClient:
     def __init__(
         self,
         endpoints: list[Endpoint],
-        timeout: float,
         tls: ssl.SSLContext | Callable[[], ssl.SSLContext] | None,
         user: str | None = None,
         password: str | Callable[[], str] | None = None,
     ) -> None:
         self.endpoints = endpoints
-        self.timeout = timeout
         self._tls = tls  # a callable: read anew for every new connection
         self._user = user
         self._password = password  # never logged, never part of a message; a callable:
@@ -159,21 +158,15 @@ class EtcdClient:
 
     # -- the calls pgfence makes ---------------------------------------------------------
 
-    def get(self, key: bytes, timeout: float | None = None) -> KeyValue | None:
-        return first_kv(self.call("/v3/kv/range", {"key": b64(key)}, timeout=timeout))
+    def get(self, key: bytes, budget: Budget) -> KeyValue | None:
+        return first_kv(self.call("/v3/kv/range", {"key": b64(key)}, budget))
 
     def txn(
-        self,
-        compares: list[Json],
-        success: list[Json],
-        failure: list[Json],
-        guard: Guard = None,
-        until: float | None = None,
-        timeout: float | None = None,
+        self, compares: list[Json], success: list[Json], failure: list[Json], budget: Budget
     ) -> tuple[bool, list[Json]]:
         """(succeeded, the responses of the branch that ran, unwrapped)."""
         body = {"compare": compares, "success": success, "failure": failure}
-        answer = self.call("/v3/kv/txn", body, guard, until, timeout)
+        answer = self.call("/v3/kv/txn", body, budget)
         responses: list[Json] = []
         for item in answer.get("responses") or []:
             # {"response_put": {...}}, {"response_range": {...}}, ...: one op's answer
@@ -181,33 +174,29 @@ class EtcdClient:
             responses.append(inner if isinstance(inner, dict) else {})
         return bool(answer.get("succeeded", False)), responses
 
-    def grant(
-        self, ttl: int, until: float | None = None, timeout: float | None = None
-    ) -> tuple[int, int]:
+    def grant(self, ttl: int, budget: Budget) -> tuple[int, int]:
         """A new lease: (id, granted TTL), the TTL being at least `ttl`."""
-        answer = self.call("/v3/lease/grant", {"TTL": str(ttl)}, None, until, timeout)
+        answer = self.call("/v3/lease/grant", {"TTL": str(ttl)}, budget)
         lease = integer(answer, "ID")
         if lease <= 0:
             raise EtcdRequestError("etcd granted a lease without an id")
         return lease, integer(answer, "TTL")
 
-    def keepalive(
-        self, lease: int, guard: Guard = None, until: float | None = None
-    ) -> tuple[int, int]:
+    def keepalive(self, lease: int, budget: Budget) -> tuple[int, int]:
         """Renew `lease`: (its TTL, or 0 when etcd no longer knows it (expired, revoked);
         the raft term of the member that answered)."""
-        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, guard, until)
+        answer = self.call("/v3/lease/keepalive", {"ID": str(lease)}, budget)
         return integer(answer, "TTL"), self.last_term
 
-    def time_to_live(self, lease: int, timeout: float | None = None) -> tuple[int, int]:
+    def time_to_live(self, lease: int, budget: Budget) -> tuple[int, int]:
         """(seconds left, granted TTL); seconds left is -1 when the lease is gone."""
-        answer = self.call("/v3/lease/timetolive", {"ID": str(lease)}, timeout=timeout)
+        answer = self.call("/v3/lease/timetolive", {"ID": str(lease)}, budget)
         return integer(answer, "TTL"), integer(answer, "grantedTTL")
 
-    def revoke(self, lease: int, timeout: float | None = None) -> bool:
+    def revoke(self, lease: int, budget: Budget) -> bool:
         """Revoke `lease` (its keys go with it); False when etcd did not know it."""
         try:
-            self.call("/v3/lease/revoke", {"ID": str(lease)}, timeout=timeout)
+            self.call("/v3/lease/revoke", {"ID": str(lease)}, budget)
         except EtcdRequestError as exc:
             if "lease not found" in exc.message:
                 return False
@@ -216,31 +205,26 @@ class EtcdClient:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def call(
-        self,
-        path: str,
-        body: Json,
-        guard: Guard = None,
-        until: float | None = None,
-        timeout: float | None = None,
-    ) -> Json:
+    def call(self, path: str, body: Json, budget: Budget) -> Json:
         with self._lock:
+            # The version check and the login share the request's time, not its guard:
+            # they touch no key.
             if not self._checked:
-                self._check_version(until, timeout)
+                self._check_version(budget.unguarded())
             if self._user and self._token is None:
-                self._authenticate(until, timeout)
+                self._authenticate(budget.unguarded())
             try:
-                return self._request("POST", path, body, guard, until, timeout)
+                return self._request("POST", path, body, budget)
             except EtcdRequestError as exc:
                 if not self._user or not any(s in exc.message for s in STALE_LOGIN):
                     raise
             # The token is no longer accepted: log in again, once.
             self._token = None
-            self._authenticate(until, timeout)
-            return self._request("POST", path, body, guard, until, timeout)
+            self._authenticate(budget.unguarded())
+            return self._request("POST", path, body, budget)
 
-    def _check_version(self, until: float | None, timeout: float | None) -> None:
-        answer = self._request("GET", "/version", None, None, until, timeout)
+    def _check_version(self, budget: Budget) -> None:
+        answer = self._request("GET", "/version", None, budget)
         where = self.endpoints[self._current].url
         server = answer.get("etcdserver")
         if not isinstance(server, str) or not re.match(r"\d+\.\d+", server):
@@ -263,11 +247,11 @@ class EtcdClient:
                 )
         self._checked = True
 
-    def _authenticate(self, until: float | None, timeout: float | None) -> None:
+    def _authenticate(self, budget: Budget) -> None:
         password = self._password() if callable(self._password) else self._password
         body = {"name": self._user, "password": password}
         try:
-            answer = self._request("POST", "/v3/auth/authenticate", body, None, until, timeout)
+            answer = self._request("POST", "/v3/auth/authenticate", body, budget)
         except EtcdRequestError as exc:
             if "authentication is not enabled" in exc.message:
                 log.event(
@@ -286,27 +270,17 @@ class EtcdClient:
             raise EtcdUnavailable("etcd accepted the credentials but returned no auth token")
         self._token = token
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        body: Json | None,
-        guard: Guard,
-        until: float | None,
-        timeout: float | None,
-    ) -> Json:
+    def _request(self, method: str, path: str, body: Json | None, budget: Budget) -> Json:
         errors: list[str] = []
         count = len(self.endpoints)
         for step in range(count):
             index = (self._current + step) % count
             endpoint = self.endpoints[index]
-            limit = self.timeout if timeout is None else timeout
-            if until is not None:
-                limit = min(limit, until - clock.now())
-                if limit <= 0:
-                    errors.append("out of time")
-                    break
-            if guard is not None and not guard():
+            limit = budget.request_timeout()
+            if limit <= 0:
+                errors.append("out of time")
+                break
+            if not budget.may_send():
                 raise GuardRefused()
             try:
                 status, data = self._send(endpoint, method, path, body, limit)

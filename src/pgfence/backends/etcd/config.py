@@ -23,7 +23,6 @@ from pgfence.errors import UsageError
 from pgfence.timings import (
     Timings,
     etcd_minimum_ttl,
-    request_timeouts,
     vanished_lock_delay,
 )
 
@@ -66,8 +65,7 @@ def open_client(settings: Settings) -> tuple[EtcdClient, str]:
             "an etcd password file is set but no user: set --etcd-user (FENCE_ETCD_USER)"
         )
     tls = tls_source(etcd, endpoints)
-    timeout = request_timeouts(settings.timings)[0]
-    return EtcdClient(endpoints, timeout, tls, etcd.user, password), key
+    return EtcdClient(endpoints, tls, etcd.user, password), key
 
 
 # -- timings ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import time
 
 from pgfence import clock, log
 from pgfence.backends.base import Hold
+from pgfence.backends.etcd.budget import Budget, RequestTimeouts
 from pgfence.backends.etcd.client import (
     EtcdClient,
     EtcdNoSpace,
@@ -40,7 +41,6 @@ from pgfence.timings import (
     Timings,
     heartbeat_write_after,
     heartbeat_write_interval,
-    request_timeouts,
 )
 
 TYPE_CHECKING = False
@@ -85,7 +85,7 @@ class FenceKey:
         self.text = key
         self.key = key.encode("utf-8", "surrogateescape")
         self.deadline = timings.deadline
-        self.slow = request_timeouts(timings)[1]
+        self.timeouts = RequestTimeouts.of(timings)
         self.interval = timings.interval
         self.write_every = heartbeat_write_interval(timings)
         self.write_after = heartbeat_write_after(timings)
@@ -94,7 +94,7 @@ class FenceKey:
         return f"etcd:{self.text}"
 
     def read(self) -> KeyValue | None:
-        return self.client.get(self.key, timeout=self.slow)
+        return self.client.get(self.key, self.timeouts.unbounded())
 
     def holder_of(self, kv: KeyValue) -> LockRecord:
         """The pgfence record in `kv`, its generation being the key's create revision;
@@ -145,7 +145,7 @@ class FenceKey:
 
     def revoke_quietly(self, lease: int) -> None:
         try:
-            self.client.revoke(lease, timeout=self.slow)
+            self.client.revoke(lease, self.timeouts.unbounded())
         except PgfenceError:
             pass  # an unused lease expires by itself
 
@@ -179,11 +179,12 @@ class EtcdHold(Hold):
     def renew(self, guard: Guard) -> bool:
         with self._mutex:
             started = clock.now()
-            until = started + self._fence.deadline
+            # The renewal as a whole ends where its success would put the fence deadline.
+            budget = self._fence.timeouts.renewal(started + self._fence.deadline, guard)
             try:
                 while True:
                     try:
-                        self._renew_once(guard, until)
+                        self._renew_once(budget)
                         break
                     except EtcdUnavailable:
                         # No leader for now (an election), or no endpoint answered: etcd
@@ -191,7 +192,7 @@ class EtcdHold(Hold):
                         # budget rather than waiting for the next renewal; but give up
                         # a renewal interval early, so that the reason is logged before
                         # the deadline fences.
-                        if clock.now() + RETRY_PAUSE >= until - self._fence.interval:
+                        if not budget.ensure(RETRY_PAUSE + self._fence.interval):
                             raise
                         time.sleep(RETRY_PAUSE)
             except GuardRefused:
@@ -205,17 +206,15 @@ class EtcdHold(Hold):
             self._renewed_at = started
             return True
 
-    def _renew_once(self, guard: Guard, until: float) -> None:
-        kept_at = self._keepalive(guard, until)
+    def _renew_once(self, budget: Budget) -> None:
+        kept_at = self._keepalive(budget)
         since = clock.now() - self._written_at
         write = since >= self._fence.write_after
         checked_at = None
         if write:
             started = clock.now()
             try:
-                checked_at = self._beat(
-                    self._record.next_beat(started, clock.wall_iso()), guard, until
-                )
+                checked_at = self._beat(self._record.next_beat(started, clock.wall_iso()), budget)
                 self._written_at = started
                 self._full_since = None
             except EtcdNoSpace as exc:
@@ -223,13 +222,13 @@ class EtcdHold(Hold):
                     self._full_since = started
                     log.event("etcd_full", f"heartbeat not written: {exc.message}", level="error")
         if checked_at is None:
-            checked_at = self._check(guard, until)
+            checked_at = self._check(budget)
         if kept_at != checked_at:
             # The keep-alive may have reached a leader cut off from the majority, whose
             # renewal counts for nothing once another member leads: renew again where
             # the transaction was answered (the endpoint tried first now).
             first = kept_at
-            kept_at = self._keepalive(guard, until)
+            kept_at = self._keepalive(budget)
             if kept_at == checked_at:
                 log.event(
                     "etcd_term",
@@ -243,9 +242,9 @@ class EtcdHold(Hold):
                     "election is under way)"
                 )
 
-    def _keepalive(self, guard: Guard, until: float) -> int:
+    def _keepalive(self, budget: Budget) -> int:
         """Renew the lease; the raft term at which it was renewed."""
-        ttl, term = self._client.keepalive(self.lease, guard, until)
+        ttl, term = self._client.keepalive(self.lease, budget)
         if ttl <= 0:
             raise LockLost(
                 f"etcd no longer knows the lease {self.lease:x} of "
@@ -253,7 +252,7 @@ class EtcdHold(Hold):
             )
         return term
 
-    def _check(self, guard: Guard, until: float) -> int:
+    def _check(self, budget: Budget) -> int:
         """Is the key still ours (a linearizable read, no write)? Its raft term."""
         key = self._key
         ok, responses = self._client.txn(
@@ -264,8 +263,7 @@ class EtcdHold(Hold):
             ],
             [],
             [get(key)],
-            guard,
-            until,
+            budget,
         )
         term = self._client.last_term
         if ok:
@@ -289,11 +287,13 @@ class EtcdHold(Hold):
         write has it too."""
         with self._mutex:
             try:
-                self._beat(self._record, None, clock.now() + self._fence.deadline)
+                self._beat(
+                    self._record, self._fence.timeouts.renewal(clock.now() + self._fence.deadline)
+                )
             except PgfenceError:
                 pass
 
-    def _beat(self, record: LockRecord, guard: Guard | None, until: float) -> int:
+    def _beat(self, record: LockRecord, budget: Budget) -> int:
         """Write `record` over our last value; the raft term of the answer."""
         key = self._key
         for _ in range(2):
@@ -306,8 +306,7 @@ class EtcdHold(Hold):
                 ],
                 [put(key, data, self.lease)],
                 [get(key)],
-                guard,
-                until,
+                budget,
             )
             if ok:
                 self._record, self._value = record, data
@@ -325,17 +324,17 @@ class EtcdHold(Hold):
         with self._mutex:
             if not guard() or clock.now() - self._renewed_at > self._fence.deadline:
                 return False  # past the deadline the key may be another's: touch nothing
-            key, slow = self._key, self._fence.slow
+            key, budget = self._key, self._fence.timeouts.unbounded()
             try:
                 ok, _ = self._client.txn(
                     [compare(key, "CREATE", self.revision), compare(key, "LEASE", self.lease)],
                     [delete(key)],
                     [],
-                    timeout=slow,
+                    budget,
                 )
             except PgfenceError as exc:
                 try:
-                    self._client.revoke(self.lease, timeout=slow)  # its keys go with it
+                    self._client.revoke(self.lease, budget)  # its keys go with it
                     return True
                 except PgfenceError:
                     raise StorageError(
