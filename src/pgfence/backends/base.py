@@ -179,7 +179,11 @@ def watch(
 class ReleaseSteps(ABC):
     """What an operator release (`release_fence`) does that depends on the backend. The
     first step reads the lock once; every later one acts on the state that read found
-    (`seen`), never on whatever the lock holds by then."""
+    (`seen`), never on whatever the lock holds by then. A backend lists it before
+    Backend among its bases, so that this `release` is its `Backend.release`."""
+
+    def release(self, force: bool, sleep: Sleep) -> str:
+        return release_fence(self, force, sleep)
 
     @abstractmethod
     def location(self) -> str:

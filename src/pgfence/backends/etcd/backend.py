@@ -58,7 +58,6 @@ from pgfence.backends.base import (
     ReleaseSteps,
     fresh_record,
     judge_liveness,
-    release_fence,
     watch,
 )
 from pgfence.backends.etcd.client import EtcdClient, KeyValue, first_kv
@@ -78,7 +77,7 @@ PROGRESS_EVERY = 5.0  # seconds between "still waiting" messages
 WATCH_POLL = 0.2  # seconds between reads while watching a heartbeat
 
 
-class EtcdBackend(Backend, ReleaseSteps):
+class EtcdBackend(ReleaseSteps, Backend):
     def __init__(
         self,
         client: EtcdClient,
@@ -330,10 +329,7 @@ class EtcdBackend(Backend, ReleaseSteps):
             where, holder, ours, observe, lambda s: self.watch_lock(kv, s, sleep, None)
         )
 
-    def release(self, force: bool, sleep: Sleep) -> str:
-        return release_fence(self, force, sleep)
-
-    # -- the operator release's steps (see release_fence) ------------------------------
+    # -- the operator release's steps (ReleaseSteps.release runs release_fence) ----------
 
     def read_lock(self) -> tuple[bytes, KeyValue] | None:
         kv = self._fence.read()

@@ -33,7 +33,6 @@ from pgfence.backends.base import (
     ReleaseSteps,
     fresh_record,
     judge_liveness,
-    release_fence,
     watch,
 )
 from pgfence.backends.file.claims import ClaimWait, claim_name, remove_under_claim
@@ -109,7 +108,7 @@ class FileHold(Hold):
         return {"lock_file": self._lockfile.path}
 
 
-class FileBackend(Backend, ReleaseSteps):
+class FileBackend(ReleaseSteps, Backend):
     def __init__(self, path: str, token: str, instance: str, timings: Timings, wait: bool) -> None:
         self._lockfile = LockFile(path, instance)
         self._token = token
@@ -293,10 +292,7 @@ class FileBackend(Backend, ReleaseSteps):
             lambda s: self.watch_lock(snapshot, s, sleep, None),
         )
 
-    def release(self, force: bool, sleep: Sleep) -> str:
-        return release_fence(self, force, sleep)
-
-    # -- the operator release's steps (see release_fence) ------------------------------
+    # -- the operator release's steps (ReleaseSteps.release runs release_fence) ----------
 
     def read_lock(self) -> tuple[bytes, Snapshot] | None:
         snapshot = self._lockfile.read()
