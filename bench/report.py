@@ -75,7 +75,7 @@ def _header(results: Result) -> list[str]:
 
 def _targets(verdicts: list[targets.Verdict]) -> list[str]:
     lines = [
-        "## Targets (issue 6)",
+        "## Targets",
         "",
         "Reported, not asserted. Measured values are medians with (min" + DASH + "max).",
         "",

@@ -129,3 +129,37 @@ def test_install_explains_the_images_choices() -> None:
         "mode: 0555",
     ):
         assert phrase in INSTALL, phrase
+
+
+ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
+
+
+def test_architecture_names_only_modules_and_names_that_exist() -> None:
+    """docs/architecture.md says where each rule lives: every module path and every
+    `module.name` it gives must exist, so the page cannot drift from the code."""
+    import importlib
+
+    package = ROOT / "src" / "pgfence"
+    paths = set(re.findall(r"[a-z_/]+\.(?:py|sh)\b", ARCHITECTURE))
+    assert paths, "no module named"
+    missing = [
+        p
+        for p in paths
+        if not (ROOT / p).exists() and not (package / p).exists() and not any(package.rglob(p))
+    ]
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
+    dotted = set(re.findall(r"\b([a-z_]+(?:\.[a-z_]+)*)\.([A-Za-z_]+)\b", ARCHITECTURE))
+    unknown = []
+    for module, name in dotted:
+        if name in ("py", "sh", "md") or module in ("docs", "tests"):
+            continue
+        for prefix in ("pgfence.", "pgfence.backends."):
+            try:
+                found = importlib.import_module(prefix + module)
+            except ModuleNotFoundError:
+                continue
+            if hasattr(found, name):
+                break
+        else:
+            unknown.append(f"{module}.{name}")
+    assert not unknown, f"docs/architecture.md names what does not exist: {sorted(unknown)}"
