@@ -43,6 +43,7 @@ from harness.explorer import (
     Run,
     parse_lock,
     trace_records,
+    wait_exit,
 )
 from harness.paths import (
     crash_holder,
@@ -280,6 +281,64 @@ def drive_takeover(run: Run, target_argv: list[str]) -> None:
     run.pool("contender", lease_contender(run))
     run.pool("contender", run.run_argv("C", *LEASE))
     hold_then_stop(run, target, 1.5, run.delay + 2 * WAIT + 3, seen=1)
+
+
+def revoked_checks(run: Run) -> dict[str, str]:
+    """The scene below deletes the key under a live holder on purpose: its command may run
+    until the holder's next renewal (one interval, TTL/6) notices, no longer; contenders
+    wait the lock delay, which outlasts that."""
+    verdicts = key_checks(run)
+    if isinstance(run, EtcdRun):
+        verdicts["respected"] = respected_within(run, TTL / 6 + TOLERANCE)
+    return verdicts
+
+
+def respected_within(run: EtcdRun, bound: float) -> str:
+    """No holder's command runs on longer than `bound` after its key vanished or changed."""
+    oracles = run.oracles()
+    for i in range(1, len(run.keys)):
+        (_, old), (when, new) = run.keys[i - 1], run.keys[i]
+        if old is None or (new is not None and new[0] == old[0]):
+            continue
+        instance = (parse_lock(old[2]) or {}).get("instance")
+        for o in oracles:
+            late = float(str(o["end"])) - when
+            if o["instance"] == instance and float(str(o["start"])) < when and late > bound:
+                return (
+                    f"VIOLATION: the key of gen {o['generation']} vanished while its command "
+                    f"ran {late:.2f} s more (bound {bound:.2f} s)"
+                )
+    return "ok"
+
+
+def drive_revoked(run: Run, target_argv: list[str]) -> None:
+    """The target holds; a contender waits; the target's lease is revoked under it, as a
+    stuck etcd leader did (etcd#15247). The contender may create the key only after the
+    lock delay, by when the target has noticed at a renewal and killed its command."""
+    assert isinstance(run, EtcdRun)
+    target = run.start("target", target_argv)
+    run.held_by_new_oracle(0, 15, target)
+    run.pool("contender", lease_contender(run))
+    time.sleep(1.0)
+    run.revoke_holders_lease()
+    wait_exit(target, 5)
+
+
+# Not a row of the matrix: the scene of the tests' control of the lock delay.
+REVOKED = Path(
+    "etcd-revoked",
+    "etcd, the holder's lease revoked under it",
+    "main",
+    1,
+    lambda run: run.run_argv("A", *LEASE),
+    seed_none,
+    drive_revoked,
+    DELAY,
+    ETCD_FAULTS,
+    "etcd",
+    make_run,
+    revoked_checks,
+)
 
 
 def _etcd_path(name: str, what: str, phase: str, nth: int, drive: object) -> Path:
