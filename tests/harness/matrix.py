@@ -278,4 +278,4 @@ def split_sections(text: str) -> dict[str, str]:
             found[current] = ""
         if current is not None:
             found[current] += line + "\n"
-    return found
+    return {backend: text.rstrip("\n") + "\n" for backend, text in found.items()}
