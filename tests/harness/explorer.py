@@ -65,6 +65,10 @@ class Path:
     seed: Callable[[Run], None]
     drive: Callable[[Run, list[str]], None]  # starts the target (argv) and contenders
     delay: float = DELAY  # how long fault (a) holds the call
+    faults: tuple[str, ...] = FAULTS  # the faults that make sense on its calls
+    backend: str = "file"  # the matrix's section: "file" or "etcd"
+    make_run: Callable[[str, str], Run] | None = None  # (src, root) -> Run; None: a Run
+    checks: Callable[[Run], dict[str, str]] | None = None  # invariants of its own
 
 
 @dataclass
@@ -266,7 +270,7 @@ def execute(src: str, path: Path, fault: dict[str, object] | None, work: str) ->
     """One run of `path` with `fault` (None: record only); returns the run and its target."""
     root = os.path.join(work, f"run-{os.getpid()}-{time.monotonic_ns()}")
     os.makedirs(os.path.join(root, "lock"))
-    run = Run(src, root)
+    run = path.make_run(src, root) if path.make_run else Run(src, root)
     fault_file = os.path.join(root, "fault.json")
     with open(fault_file, "w") as f:
         json.dump(fault, f)

@@ -247,9 +247,15 @@ def exits(run: Run, target: Proc) -> str:
 
 
 def describe(run: Run, target: Proc, oracles: list[dict[str, object]]) -> str:
-    exit_of = {"before": "killed before", "after": "killed after", "delay": "delayed"}
+    exit_of = {
+        "before": "killed before",
+        "after": "killed after",
+        "delay": "delayed",
+        "lost": "answer lost",
+        "late": "answer read late",
+    }
     kind = fired(target)
-    parts = [exit_of[kind] if kind else "fault not reached"]
+    parts = [exit_of.get(kind, kind) if kind else "fault not reached"]
     if kind not in ("before", "after"):
         parts.append(f"target exit {target.code}")
     gens = [str(o["generation"]) for o in oracles]

@@ -25,6 +25,11 @@ and including the call, `nth`: which burst that reaches this prefix) and what to
 (SIGKILL at its exit: the call ran) or `delay` (hold that thread at the call's entry for
 `seconds`, while the process's other threads go on).
 
+With TRACER_ETCD=1 in its environment it also follows the etcd backend's steps: each
+HTTP request to etcd is a lock call named `etcd <step>` (etcdcalls.py), with two more
+faults at its exit: `lost` (etcd's answer is taken off the connection, which is shut)
+and `late` (the thread is held `seconds` before it reads the answer).
+
 The tracer's exit status is the child's (128+N when signal N killed it). x86_64 only.
 strace would enumerate the same calls (`strace -f -y`), but it cannot pick a call by a
 path it only learns at run time (temporary files carry the process id and a random
@@ -40,6 +45,8 @@ import re
 import signal
 import sys
 import time
+
+import etcdcalls  # type: ignore[import-not-found]  # run as a script, beside it
 
 PTRACE_TRACEME = 0
 PTRACE_CONT = 7
@@ -201,6 +208,8 @@ class Tracer:
         self.other_thread_called = False  # has a thread but main made a lock call yet?
         self.seq = 0
         self.mem_fd: int | None = None
+        self.etcd = os.environ.get("TRACER_ETCD") == "1"
+        self.heads: dict[int, tuple[int, str]] = {}  # tid -> (fd, path) of a request's head
 
     # -- reading the tracee --------------------------------------------------------
 
@@ -223,6 +232,14 @@ class Tracer:
             out += chunk
             addr += len(chunk)
         return out.decode("utf-8", "surrogateescape")
+
+    def read_bytes(self, addr: int, length: int) -> bytes:
+        if self.mem_fd is None:
+            self.mem_fd = os.open(f"/proc/{self.main_pid}/mem", os.O_RDONLY)
+        try:
+            return os.pread(self.mem_fd, min(length, 1 << 16), addr)
+        except OSError:
+            return b""
 
     def resolve(self, tid: int, dirfd: int | None, path: str) -> str:
         if path.startswith("/"):
@@ -261,6 +278,8 @@ class Tracer:
         return re.sub(r"[0-9a-f]{8,}|\d+", "N", name)
 
     def describe(self, tid: int, nr: int, args: tuple[int, ...]) -> dict[str, object] | None:
+        if self.etcd and nr == etcdcalls.SENDTO:
+            return self.etcd_step(tid, _fd(args[0]), self.read_bytes(args[1], args[2]))
         entry = SYSCALLS.get(nr)
         if entry is None:
             return None
@@ -291,6 +310,21 @@ class Tracer:
         signature = f"{name}({'→'.join(roles)}{detail})"
         return {"name": name, "paths": paths, "sig": signature}
 
+    def etcd_step(self, tid: int, fd: int, data: bytes) -> dict[str, object] | None:
+        """The send that completes an HTTP request to etcd, named for its step."""
+        head = etcdcalls.request_head(data)
+        if head is not None:
+            path, length = head
+            if length:  # the body follows in the next send
+                self.heads[tid] = (fd, path)
+                return None
+            body = b""
+        elif self.heads.get(tid, (None,))[0] == fd:
+            path, body = self.heads.pop(tid)[1], data
+        else:
+            return None
+        return {"name": "sendto", "paths": [], "fd": fd, "sig": etcdcalls.step_name(path, body)}
+
     def phase_of(self, thread: Thread) -> str:
         if thread.role != "main":
             return thread.role
@@ -308,6 +342,10 @@ class Tracer:
             finally:
                 os._exit(127)
         self.main_pid = pid
+        # While a thread is held, stops of the others are awaited with sigtimedwait: every
+        # stop sends SIGCHLD, so each is handled at once (polling would add a sleep to
+        # every system call of the threads that go on, and slow their fencing down).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         _, status = os.waitpid(pid, WALL)
         assert os.WIFSTOPPED(status), status
         ptrace(
@@ -331,7 +369,8 @@ class Tracer:
                             thread.held_until = None
                             self.emit({"event": "resumed", "tid": thread.tid, "t": now})
                             self.resume(thread.tid)
-                    time.sleep(0.001)
+                    until = min(t.held_until or now for t in held)
+                    signal.sigtimedwait({signal.SIGCHLD}, max(0.0, min(until - now, 0.05)))
                     continue
             else:
                 try:
@@ -419,19 +458,45 @@ class Tracer:
             return
         thread.in_call = False
         if thread.call is not None:
+            call = thread.call
             result = _signed(regs.rax)
             self.finish(thread, result)
-            if self.pending_after:
-                self.pending_after = False
-                self.emit({"event": "fault", "kind": "after", "t": time.monotonic()})
-                os.kill(self.main_pid, signal.SIGKILL)
-                return
-        elif now - thread.entered >= BURST_GAP:
+            if self.pending_exit is not None:
+                kind, self.pending_exit = self.pending_exit, None
+                if "fd" in call and not self.answered(thread, call, kind):
+                    return
+                self.emit({"event": "fault", "kind": kind, "t": time.monotonic()})
+                if kind == "after":
+                    os.kill(self.main_pid, signal.SIGKILL)
+                    return
+                if kind == "late":
+                    thread.held_until = time.monotonic() + float(str(self.fault["seconds"]))  # type: ignore[index]
+                    return
+        elif now - thread.entered >= BURST_GAP and not (
+            self.etcd and int(regs.orig_rax) in etcdcalls.WAITING
+        ):
             thread.burst = []  # it slept: the next lock call starts a new burst
         self.resume(thread.tid)
 
+    def answered(self, thread: Thread, call: dict[str, object], kind: str) -> bool:
+        """At the exit of an etcd step's send: wait for etcd's answer (the request ran),
+        and for `lost` take it off the connection. False if the thread was resumed."""
+        sock = etcdcalls.await_answer(self.main_pid, int(str(call["fd"])))
+        if sock is None:
+            self.emit({"event": "no-answer", "t": time.monotonic()})
+        elif kind == "lost":
+            stolen = etcdcalls.steal_answer(sock)
+            self.emit(
+                {"event": "fault", "kind": "lost", "t": time.monotonic(), "bytes": len(stolen)}
+            )
+            self.resume(thread.tid)
+            return False
+        else:
+            sock.close()
+        return True
+
     killed_at_entry = False
-    pending_after = False
+    pending_exit: str | None = None  # a fault to apply at the exit of the faulted call
 
     def enter(self, thread: Thread, call: dict[str, object], now: float) -> None:
         if thread.role != "main":
@@ -468,8 +533,8 @@ class Tracer:
             self.finish(thread, None)
             os.kill(self.main_pid, signal.SIGKILL)
             self.killed_at_entry = True
-        elif kind == "after":
-            self.pending_after = True
+        elif kind in ("after", "lost", "late"):
+            self.pending_exit = str(kind)
         elif kind == "delay":
             seconds = float(str(fault["seconds"]))
             self.emit({"event": "fault", "kind": "delay", "t": now, "seconds": seconds})

@@ -3,14 +3,17 @@
 `scripts/safety-matrix` runs every (path, call, fault) and writes docs/safety-matrix.md;
 here a representative slice runs (`matrix.quick_selection`: every fault on the calls
 that change the lock on the release and takeover paths, the acquiring write, a delayed
-renewal). Before trusting any verdict, the tracer's faults are checked on a toy, and the
-checker is shown a deliberately unfenced pgfence, which it must flag.
+renewal; on the etcd backend, a few faults on its create, keep-alive and delete). Before
+trusting any verdict, the tracer's faults are checked on a toy, and the checker is shown
+a deliberately unfenced pgfence, and an etcd contender without its lock delay, both of
+which it must flag.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import needs_root
-from harness import explorer, invariants, matrix
+from harness import etcd, etcdpaths, explorer, invariants, matrix
 from harness.paths import PATHS
 
 pytestmark = [pytest.mark.integration, needs_root]
@@ -29,12 +32,14 @@ SRC = os.environ.get("PGFENCE_EXPLORE_SRC") or os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "src"
 )
 QUICK_PATHS = tuple(matrix.QUICK)
+needs_etcd = pytest.mark.skipif(not etcd.available(), reason="etcd is not installed")
 
 
 @pytest.fixture(scope="module")
 def work() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="pgfence-explorer-") as path:
         yield path
+    etcdpaths.stop_cluster()  # started by the first etcd run, shared by the others
 
 
 TOY = textwrap.dedent(
@@ -152,6 +157,63 @@ def test_quick_slice_has_no_violation(work: str) -> None:
     paths = [p for p in PATHS if p.name in QUICK_PATHS]
     rows = matrix.quick_selection(matrix.build_rows(SRC, paths, explorer.FAULTS, work, print))
     assert rows, "the quick selection chose no row"
+    results = matrix.run_matrix(SRC, rows, work, 2, False, lambda m: print(m, file=sys.stderr))
+    bad = [
+        f"{r.path} {r.call} {r.fault}: {'; '.join(r.violations)}" for r in results if r.violations
+    ]
+    assert not bad, "\n".join(bad)
+
+
+def run_scene(src: str, path: explorer.Path, work: str) -> dict[str, str]:
+    """One run of `path` without a fault (none fires), judged with its own invariants."""
+    fault = {"phase": "main", "prefix": ["never"], "nth": 1, "kind": "before"}
+    run, target = explorer.execute(src, path, fault, work)
+    recovered = invariants.recover(run)
+    explorer.finish_polling(run)
+    _, verdicts = invariants.judge(run, target, recovered)
+    assert path.checks is not None
+    verdicts.update(path.checks(run))
+    return verdicts
+
+
+def tree_without_lock_delay(work: str) -> str:
+    """A copy of SRC whose etcd contenders create the key as soon as they find it absent."""
+    src = os.path.join(work, "no-lock-delay")
+    shutil.copytree(os.path.join(SRC, "pgfence"), os.path.join(src, "pgfence"))
+    backend = os.path.join(src, "pgfence", "backends", "etcd", "backend.py")
+    with open(backend) as f:
+        text = f.read()
+    for line in (
+        "delay = self._timings.lock_delay",
+        "delay = max(delay, holder.lock_delay, minimum_lock_delay(holder.ttl))",
+    ):
+        assert line in text, f"the control no longer finds {line!r} in {backend}"
+        text = text.replace(line, "delay = 0.0")
+    with open(backend, "w") as f:
+        f.write(text)
+    return src
+
+
+@needs_etcd
+@pytest.mark.timeout(240)
+def test_negative_control_etcd_contender_without_lock_delay_is_flagged(work: str) -> None:
+    """A lease revoked under its holder (a stuck etcd leader): a contender that skips the
+    lock delay creates the key at once, which the key invariant flags; pgfence as it is
+    waits the lock delay, by when the holder has fenced, and keeps every invariant."""
+    unsafe = run_scene(tree_without_lock_delay(work), etcdpaths.REVOKED, work)
+    assert unsafe["key"].startswith("VIOLATION"), unsafe
+    safe = run_scene(SRC, etcdpaths.REVOKED, work)
+    assert not [v for v in safe.values() if v.startswith("VIOLATION")], safe
+
+
+@needs_etcd
+@pytest.mark.timeout(420)
+def test_quick_etcd_slice_has_no_violation(work: str) -> None:
+    """The etcd rows of the quick slice keep all six invariants."""
+    paths = [p for p in etcdpaths.ETCD_PATHS if p.name in QUICK_PATHS]
+    rows = matrix.build_rows(SRC, paths, etcdpaths.ETCD_FAULTS, work, print)
+    rows = matrix.quick_selection(rows)
+    assert len(rows) >= 5, [f"{r.path.name} {r.call} {r.fault}" for r in rows]
     results = matrix.run_matrix(SRC, rows, work, 2, False, lambda m: print(m, file=sys.stderr))
     bad = [
         f"{r.path} {r.call} {r.fault}: {'; '.join(r.violations)}" for r in results if r.violations
