@@ -184,8 +184,8 @@ def tree_without_lock_delay(work: str) -> str:
     with open(backend) as f:
         text = f.read()
     for line in (
-        "delay = self._timings.lock_delay",
-        "delay = max(delay, holder.lock_delay, minimum_lock_delay(holder.ttl))",
+        "delay = lock_delay(self._timings, None, from_absence=True)",
+        "delay = max(delay, lock_delay(self._timings, holder, from_absence=True))",
     ):
         assert line in text, f"the control no longer finds {line!r} in {backend}"
         text = text.replace(line, "delay = 0.0")
