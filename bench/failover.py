@@ -26,7 +26,7 @@ from bench.common import Context, boottime, event_boottime, progress, wall_boott
 from harness import etcd
 from harness.lease import Node, read_lock
 from pgfence.errors import PgfenceError
-from pgfence.timings import Timings
+from pgfence.timings import Timings, vanished_lock_delay
 
 
 class LockWatch:
@@ -205,7 +205,10 @@ def run_etcd(ctx: Context, ttl: float, trials: int) -> dict[str, object]:
 
 
 def _describe(backend: str, ttl: float, trials: list[dict[str, object]]) -> dict[str, object]:
-    timings = Timings.lease(ttl)
+    # Each backend's default lock delay, as config.resolve gives it: an etcd key can
+    # vanish under a live holder, so its contenders wait longer (timings.lock_delay).
+    etcd = backend.startswith("etcd")
+    timings = Timings.lease(ttl, vanished_lock_delay(ttl) if etcd else None)
     return {
         "backend": backend,
         "ttl": ttl,
