@@ -252,7 +252,7 @@ def release_fence(steps: ReleaseSteps, force: bool, sleep: Sleep) -> str:
             )
         if outcome == "gone":
             return (
-                f"{where} disappeared while being watched (its holder released it or "
+                f"{where} disappeared while being watched (its holder released it, or "
                 "its lease expired); nothing to release"
             )
     now_holds = steps.delete_unchanged(seen, holder, sleep)
