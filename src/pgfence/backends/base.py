@@ -150,24 +150,28 @@ def judge_liveness(
 
 
 def watch(
-    look: Callable[[], str | None],
+    read: Callable[[], Seen | None],
+    unchanged: Callable[[Seen], bool],
     limit: float,
     poll: float,
     sleep: Sleep,
     progress: Callable[[float], None] | None,
 ) -> tuple[str, float]:
-    """Poll `look()` for up to `limit` seconds, on our own clock, until it reports a change.
+    """Read the lock for up to `limit` seconds, on our own clock, until it is gone (`read`
+    returned None: its holder or an operator released it) or `unchanged` says it moved.
 
-    Returns what `look` reported (or "still") and the seconds watched; `progress` gets the
+    Returns "gone", "moved" or "still" and the seconds watched; `progress` gets the
     seconds watched every 2 s.
     """
     start = clock.now()
     next_progress = start + 2.0
     while True:
         elapsed = clock.now() - start
-        seen = look()
-        if seen:
-            return seen, elapsed
+        current = read()
+        if current is None:
+            return "gone", elapsed
+        if not unchanged(current):
+            return "moved", elapsed
         if elapsed >= limit:
             return "still", elapsed
         if progress and clock.now() >= next_progress:
@@ -201,8 +205,8 @@ class ReleaseSteps(ABC):
     def watch_lock(
         self, seen: Seen, limit: float, sleep: Sleep, progress: Callable[[float], None] | None
     ) -> tuple[str, float]:
-        """Watch for up to `limit` s whether the lock stays `seen`: "moved", "gone" (only
-        where a deletion can be told from a change) or "still", and the seconds watched."""
+        """Watch for up to `limit` s whether the lock stays `seen`: "moved", "gone" or
+        "still", and the seconds watched (`watch` judges which)."""
 
     @abstractmethod
     def delete_unchanged(self, seen: Seen, holder: Holder | None, sleep: Sleep) -> str | None:

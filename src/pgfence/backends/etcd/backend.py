@@ -367,17 +367,13 @@ class EtcdBackend(ReleaseSteps, Backend):
         sleep: Sleep,
         progress: Callable[[float], None] | None,
     ) -> tuple[str, float]:
-        """Watch the key up to `limit` s: ("moved" | "gone" | "still", seconds watched)."""
+        """Watch the key up to `limit` s (see base.watch): every write gives it a new mod
+        revision, and a deletion and re-creation a new create revision."""
 
-        def look() -> str | None:
-            current = self._fence.read()
-            if current is None:
-                return "gone"
-            if (current.create_revision, current.mod_revision) != (
+        def unchanged(current: KeyValue) -> bool:
+            return (current.create_revision, current.mod_revision) == (
                 kv.create_revision,
                 kv.mod_revision,
-            ):
-                return "moved"
-            return None
+            )
 
-        return watch(look, limit, WATCH_POLL, sleep, progress)
+        return watch(self._fence.read, unchanged, limit, WATCH_POLL, sleep, progress)

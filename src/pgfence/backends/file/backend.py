@@ -329,17 +329,9 @@ class FileBackend(ReleaseSteps, Backend):
         sleep: Sleep,
         progress: Callable[[float], None] | None,
     ) -> tuple[str, float]:
-        """Watch the lock for up to `limit` seconds: ("moved" | "gone" | "still", seconds
-        watched). Gone, as for an etcd key: its holder released it (or an operator did),
-        so a release has nothing left to delete and `status` calls the fence free."""
-
-        def look() -> str | None:
-            now = self._lockfile.read()
-            if now == snapshot:
-                return None
-            return "gone" if now is None else "moved"
-
-        return watch(look, limit, 0.1, sleep, progress)
+        """Watch the lock for up to `limit` seconds (see base.watch)."""
+        unchanged = snapshot.__eq__  # any other bytes: a heartbeat, a takeover
+        return watch(self._lockfile.read, unchanged, limit, 0.1, sleep, progress)
 
 
 def _waiting_message(holder: Holder, silent: float, needed: float | None) -> str:
